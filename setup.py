@@ -28,6 +28,7 @@ EXTRAS_REQUIRE = {
         "nbformat==5.11.1",
         "ipykernel==7.4.0",
         "tensorboard==2.21.0",
+        "timm==1.0.31",
     ],
     "xformers": ["xformers"],
 }
