@@ -1,0 +1,345 @@
+"""Image transforms: DINOv2's public torchvision helpers plus fast tensor kernels for multi-crop.
+
+Two families live here.
+
+* DINOv2's public names (`GaussianBlur`, `MaybeToTensor`, `make_normalize_transform`,
+  `make_classification_train_transform`, `make_classification_eval_transform`): torchvision
+  pipelines on PIL images, used by evaluation code.
+* Fast kernels used by `dinov2.data.augmentations.DataAugmentationDINO`. They work on float32
+  CHW tensors in [0, 1] (or uint8 for cropping) and compute exactly what
+  `torchvision.transforms.v2.functional` computes for float tensors, with fewer passes over memory:
+  one interpolation call per crop, a separable Gaussian blur, a hue rotation without building an
+  HSV image, and normalisation as a single multiply-add. Functions ending in `_` work in place.
+"""
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from torchvision import transforms
+
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+
+# ITU-R 601-2 luma weights, as torchvision's rgb_to_grayscale uses for tensors.
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
+
+# Stain vectors (rows: optical density of one unit of stain in R, G, B) of the haematoxylin / eosin /
+# residual basis of Ruifrok & Johnston (2001), as used by skimage.color.rgb2hed. In Giemsa and
+# May-Gruenwald-Giemsa smears, azure/methylene blue stains nuclei blue-purple like haematoxylin and
+# eosin stains cytoplasm and red cells pink, so this basis separates the two dyes well enough for
+# augmentation (not for quantitative stain measurement).
+HED_FROM_RGB_STAINS = (
+    (0.65, 0.70, 0.29),
+    (0.07, 0.99, 0.11),
+    (0.27, 0.57, 0.78),
+)
+
+# Optical density at which a pixel counts as half "stained" when gating the stain shift: pure white
+# (OD 0) keeps its colour exactly, cell interiors (OD ~ 1) get almost the full shift.
+_STAIN_OD_HALF = 0.15
+# Smallest intensity used before the logarithm (ln(1/OD) would be infinite at 0).
+_MIN_INTENSITY = 1.0 / 512.0
+
+
+# --------------------------------------------------------------------------------------------------
+# DINOv2's public torchvision helpers
+# --------------------------------------------------------------------------------------------------
+
+
+class GaussianBlur(transforms.RandomApply):
+    """Gaussian blur (kernel 9, sigma ~ U(radius_min, radius_max)) applied with probability `p`.
+
+    Meta's class passes `1 - p` to RandomApply (so their `p=1.0` never blurs); here `p` means what it
+    says, matching the DINOv2 paper and BYOL's recipe.
+    """
+
+    def __init__(self, *, p: float = 0.5, radius_min: float = 0.1, radius_max: float = 2.0):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"GaussianBlur p must be in [0, 1], got {p}")
+        if not 0.0 < radius_min <= radius_max:
+            raise ValueError(
+                f"GaussianBlur needs 0 < radius_min <= radius_max, got {radius_min}, {radius_max}"
+            )
+        blur = transforms.GaussianBlur(kernel_size=9, sigma=(radius_min, radius_max))
+        super().__init__(transforms=[blur], p=p)
+
+
+class MaybeToTensor(transforms.ToTensor):
+    """ToTensor that passes tensors through unchanged (PIL / ndarray -> float tensor in [0, 1])."""
+
+    def __call__(self, pic):
+        if isinstance(pic, torch.Tensor):
+            return pic
+        return super().__call__(pic)
+
+
+def make_normalize_transform(
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD
+) -> transforms.Normalize:
+    """Per-channel `(x - mean) / std` on a float CHW tensor."""
+    return transforms.Normalize(mean=mean, std=std)
+
+
+def make_classification_train_transform(
+    *,
+    crop_size: int = 224,
+    interpolation=transforms.InterpolationMode.BICUBIC,
+    hflip_prob: float = 0.5,
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
+) -> transforms.Compose:
+    """Supervised training transform: random resized crop, optional flip, tensor, normalise."""
+    if crop_size <= 0:
+        raise ValueError(f"crop_size must be a positive number of pixels, got {crop_size}")
+    steps = [transforms.RandomResizedCrop(crop_size, interpolation=interpolation)]
+    if hflip_prob > 0.0:
+        steps.append(transforms.RandomHorizontalFlip(hflip_prob))
+    steps += [MaybeToTensor(), make_normalize_transform(mean, std)]
+    return transforms.Compose(steps)
+
+
+def make_classification_eval_transform(
+    *,
+    resize_size: int = 256,
+    interpolation=transforms.InterpolationMode.BICUBIC,
+    crop_size: int = 224,
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
+) -> transforms.Compose:
+    """Evaluation transform: resize the short side, centre crop, tensor, normalise."""
+    if resize_size <= 0 or crop_size <= 0:
+        raise ValueError(f"resize_size and crop_size must be positive, got {resize_size}, {crop_size}")
+    return transforms.Compose(
+        [
+            transforms.Resize(resize_size, interpolation=interpolation),
+            transforms.CenterCrop(crop_size),
+            MaybeToTensor(),
+            make_normalize_transform(mean, std),
+        ]
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Fast tensor kernels (multi-crop)
+# --------------------------------------------------------------------------------------------------
+
+
+def pil_to_uint8_chw(image: PIL.Image.Image) -> torch.Tensor:
+    """PIL RGB (or L) image -> uint8 tensor [3, H, W] (a channels-last view, one copy of the pixels).
+
+    The channels-last layout is what the uint8 antialiased resampling kernel runs fastest on.
+    """
+    if image.mode == "L":
+        image = image.convert("RGB")
+    if image.mode != "RGB":
+        raise ValueError(
+            f"expected a PIL image in mode RGB (or L), got mode {image.mode!r}; "
+            "load images with dinov2.data.image_io.load_rgb"
+        )
+    array = np.array(image, dtype=np.uint8, copy=True)
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def resized_crop_uint8(
+    image: torch.Tensor, top: int, left: int, height: int, width: int, size: int | tuple[int, int]
+) -> torch.Tensor:
+    """Crop box (top, left, height, width) of a uint8 [3, H, W] image and resize it to `size`.
+
+    Bicubic with antialiasing in one resampling call (the same kernel as torchvision's
+    `resized_crop(..., BICUBIC, antialias=True)` on uint8 tensors, close to PIL's bicubic resize).
+    Returns uint8 [3, size, size].
+    """
+    out_h, out_w = (size, size) if isinstance(size, int) else size
+    crop = image[:, top : top + height, left : left + width]
+    if crop.shape[1:] == (out_h, out_w):
+        return crop.contiguous()
+    return F.interpolate(crop[None], size=(out_h, out_w), mode="bicubic", antialias=True)[0]
+
+
+def uint8_to_float(image: torch.Tensor) -> torch.Tensor:
+    """uint8 tensor -> new contiguous float32 tensor in [0, 1]."""
+    return torch.mul(image, 1.0 / 255.0).contiguous()
+
+
+def adjust_brightness_(image: torch.Tensor, factor: float) -> torch.Tensor:
+    """In place `clamp(x * factor, 0, 1)` on a float image in [0, 1] (factor >= 0)."""
+    return image.mul_(factor).clamp_(max=1.0)
+
+
+def _gray_weights(image: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(GRAY_WEIGHTS, dtype=image.dtype, device=image.device)
+
+
+def rgb_to_gray(image: torch.Tensor) -> torch.Tensor:
+    """Luma of a float [3, H, W] image -> [1, H, W] (0.2989 R + 0.587 G + 0.114 B)."""
+    channels, height, width = image.shape
+    if channels != 3:
+        raise ValueError(f"expected an RGB image [3, H, W], got shape {tuple(image.shape)}")
+    return (_gray_weights(image) @ image.reshape(3, -1)).view(1, height, width)
+
+
+def adjust_contrast_(image: torch.Tensor, factor: float) -> torch.Tensor:
+    """In place blend with the image's mean luma: `clamp(c * x + (1 - c) * mean_gray, 0, 1)`."""
+    # The mean of the luma equals the luma of the per-channel means (both are linear), one pass.
+    mean_gray = _gray_weights(image) @ image.reshape(image.shape[0], -1).mean(dim=1)
+    return image.mul_(factor).add_(mean_gray * (1.0 - factor)).clamp_(0.0, 1.0)
+
+
+def adjust_saturation_(image: torch.Tensor, factor: float) -> torch.Tensor:
+    """In place blend with the luma image: `clamp(s * x + (1 - s) * gray, 0, 1)`."""
+    gray = rgb_to_gray(image)
+    return image.mul_(factor).add_(gray, alpha=1.0 - factor).clamp_(0.0, 1.0)
+
+
+# Channel offsets n of the HSV -> RGB formula c = V - C * clamp(min(k, 4 - k), 0, 1),
+# k = (n + 6 h) mod 6, for R, G, B.
+_HUE_OFFSETS = (5.0, 3.0, 1.0)
+
+
+def adjust_hue(image: torch.Tensor, factor: float) -> torch.Tensor:
+    """Rotate the HSV hue of a float [3, H, W] image by `factor` turns (|factor| <= 0.5).
+
+    Equal to torchvision's RGB -> HSV, `h = (h + factor) mod 1`, HSV -> RGB, but without building
+    the HSV image: value (max) and chroma (max - min) are kept and each channel is rebuilt from the
+    rotated hue sector, which needs about a third of the memory passes.
+    """
+    if not -0.5 <= factor <= 0.5:
+        raise ValueError(f"hue factor must be in [-0.5, 0.5], got {factor}")
+    r, g, b = image.unbind(0)
+    maxc = torch.maximum(torch.maximum(r, g), b)
+    chroma = maxc - torch.minimum(torch.minimum(r, g), b)
+    # Grey pixels have chroma 0; their hue numerators are 0 too, so any finite inverse works.
+    inv_chroma = chroma.clamp_min(1e-12).reciprocal_()
+    # Hue in sixths of a turn (the sector formula of torchvision / Pillow, red wins ties, then green).
+    hue6 = torch.where(maxc == r, g - b, torch.where(maxc == g, b - r + 2.0 * chroma, r - g + 4.0 * chroma))
+    hue6.mul_(inv_chroma).add_(6.0 * factor)
+    offsets = torch.tensor(_HUE_OFFSETS, dtype=image.dtype, device=image.device).view(3, 1, 1)
+    k = (hue6 + offsets).remainder_(6.0)
+    ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    return torch.sub(maxc, ramp.mul_(chroma))
+
+
+def gaussian_kernel1d(sigma: float, kernel_size: int = 9, dtype=torch.float32) -> torch.Tensor:
+    """Normalised 1-D Gaussian taps at integer offsets -(k-1)/2..(k-1)/2 (torchvision's kernel)."""
+    if sigma <= 0:
+        raise ValueError(f"sigma must be positive, got {sigma}")
+    if kernel_size <= 0 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
+    half = (kernel_size - 1) / 2
+    x = torch.linspace(-half, half, kernel_size, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (kernel / kernel.sum()).to(dtype)
+
+
+def gaussian_blur(image: torch.Tensor, sigma: float, kernel_size: int = 9) -> torch.Tensor:
+    """Gaussian blur of a float [C, H, W] image with reflect padding (torchvision's semantics).
+
+    Separable: 2 * kernel_size shifted multiply-adds instead of a kernel_size**2 2-D convolution.
+    """
+    channels, height, width = image.shape
+    half = kernel_size // 2
+    if height <= half or width <= half:
+        raise ValueError(f"image {height}x{width} too small for a {kernel_size}-tap reflect-padded blur")
+    taps = gaussian_kernel1d(sigma, kernel_size, torch.float64).tolist()
+    padded = F.pad(image[None], (half, half, half, half), mode="reflect")[0]
+    rows = padded[:, :, 0:width] * taps[0]
+    for t in range(1, kernel_size):
+        rows.add_(padded[:, :, t : t + width], alpha=taps[t])
+    out = rows[:, 0:height] * taps[0]
+    for t in range(1, kernel_size):
+        out.add_(rows[:, t : t + height], alpha=taps[t])
+    return out
+
+
+def solarize_(image: torch.Tensor, threshold: float = 128.0 / 255.0) -> torch.Tensor:
+    """In place `x if x < threshold else 1 - x` (Pillow's solarize at 128 for uint8 images)."""
+    return torch.where(image >= threshold, 1.0 - image, image, out=image)
+
+
+def normalize(
+    image: torch.Tensor,
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
+) -> torch.Tensor:
+    """`(x - mean) / std` per channel as one multiply-add; a [1, H, W] grey image becomes [3, H, W]."""
+    inv_std = torch.tensor([1.0 / s for s in std], dtype=torch.float32, device=image.device).view(-1, 1, 1)
+    bias = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32, device=image.device)
+    return torch.addcmul(bias.view(-1, 1, 1), image, inv_std)
+
+
+def stain_matrices(dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rgb_from_stain, stain_from_rgb): row-normalised stain vectors and their inverse, 3x3 each."""
+    rgb_from_stain = torch.tensor(HED_FROM_RGB_STAINS, dtype=torch.float64)
+    rgb_from_stain = rgb_from_stain / rgb_from_stain.norm(dim=1, keepdim=True)
+    return rgb_from_stain.to(dtype), torch.linalg.inv(rgb_from_stain).to(dtype)
+
+
+def stain_jitter(image: torch.Tensor, alpha: Sequence[float], beta: Sequence[float]) -> torch.Tensor:
+    """Perturb the stain concentrations of a float RGB image [3, H, W] in [0, 1].
+
+    Colour deconvolution (Ruifrok & Johnston): optical density OD = -ln(I) per channel, stain
+    concentrations S = OD @ inv(M) for the stain matrix M (rows: stains). Each stain i is scaled by
+    `alpha[i]` and shifted by `beta[i] * w`, where w = OD_sum / (OD_sum + 0.15) in [0, 1) is a
+    "stained pixel" weight, so an unstained white background stays white while cells change hue and
+    intensity. Then OD' = S' @ M and I' = exp(-OD'). Returns a new tensor clamped to [0, 1].
+    With alpha = 1 and beta = 0 it returns the input (up to rounding, for intensities >= 1/512).
+    """
+    channels, height, width = image.shape
+    if channels != 3:
+        raise ValueError(f"stain jitter needs an RGB image [3, H, W], got shape {tuple(image.shape)}")
+    if len(alpha) != 3 or len(beta) != 3:
+        raise ValueError(f"alpha and beta need one value per stain (3), got {len(alpha)} and {len(beta)}")
+    rgb_from_stain, stain_from_rgb = stain_matrices(torch.float64)
+    scale = torch.tensor(alpha, dtype=torch.float64)
+    shift = torch.tensor(beta, dtype=torch.float64)
+    # S' = S diag(alpha) + w beta, so OD' = OD (inv(M) diag(alpha) M) + w (beta M): one 3x3 map and one
+    # rank-1 term, composed in float64 then applied in the image dtype.
+    mix = (stain_from_rgb * scale) @ rgb_from_stain
+    offset = shift @ rgb_from_stain
+    od = image.reshape(3, -1).clamp_min(_MIN_INTENSITY).log_().neg_()
+    od_sum = od.sum(dim=0, keepdim=True)
+    weight = od_sum / (od_sum + _STAIN_OD_HALF)
+    new_od = torch.addmm(offset.to(image.dtype).view(3, 1) * weight, mix.T.to(image.dtype), od)
+    return new_od.neg_().exp_().clamp_(0.0, 1.0).view(3, height, width)
+
+
+def sample_resized_crop_box(
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    uniforms: Sequence[float],
+) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's box (top, left, h, w) from pre-drawn U(0, 1) numbers.
+
+    Same distribution as torchvision's `RandomResizedCrop.get_params`: up to 10 trials of
+    area fraction ~ U(scale) and log aspect ratio ~ U(log ratio); the first box that fits is placed
+    uniformly; if none fits, a centre crop clamped to the ratio range (or the whole image).
+    `uniforms` holds 22 numbers: 10 (area, ratio) pairs then 2 for the position.
+    """
+    if len(uniforms) < 22:
+        raise ValueError(f"sample_resized_crop_box needs 22 uniforms, got {len(uniforms)}")
+    area = height * width
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for trial in range(10):
+        target_area = area * (scale[0] + (scale[1] - scale[0]) * uniforms[2 * trial])
+        aspect = math.exp(log_lo + (log_hi - log_lo) * uniforms[2 * trial + 1])
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            # floor(u * n) is uniform on {0..n-1} like torch.randint(0, n); min() guards u -> 1.
+            top = min(int(uniforms[20] * (height - h + 1)), height - h)
+            left = min(int(uniforms[21] * (width - w + 1)), width - w)
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
