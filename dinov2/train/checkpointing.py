@@ -1,0 +1,155 @@
+"""Atomic training checkpoints, retention of the newest K, and resume from the newest valid one.
+
+Layout under <output_dir>:
+    checkpoints/model_<iteration:07d>.pth   training state (see `TrainState` keys below)
+    eval/<iteration>/teacher_checkpoint.pth teacher export {"teacher": teacher state dict}
+
+A training checkpoint is a dict with keys "model" (SSLMetaArch state dict: "student.*", "teacher.*",
+loss centers), "optimizer", "iteration" (iterations completed), "sampler", "rng" (one entry per
+rank), "grad_scaler", "world_size" and "config". Writes go to a temporary file in the same folder,
+are fsync'ed, then renamed over the final name, so a crash never leaves a partial file under a
+`model_*.pth` name; a file that is nonetheless unreadable (e.g. a truncated copy) is skipped with a
+warning when resuming.
+"""
+
+import logging
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger("dinov2")
+
+CHECKPOINT_PATTERN = re.compile(r"^model_(\d{7,})\.pth$")
+REQUIRED_KEYS = ("model", "optimizer", "iteration")
+
+
+def checkpoint_name(iteration: int) -> str:
+    """File name of the checkpoint taken after `iteration` completed iterations."""
+    return f"model_{iteration:07d}.pth"
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """torch.save `obj` to `path` via a same-folder temp file, fsync and os.replace.
+
+    The final name only ever holds a complete file; the temp file is removed on failure.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with _suppress_os_error():
+            os.unlink(tmp)
+        raise
+    # Make the rename itself durable.
+    with _suppress_os_error():
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    return path
+
+
+class _suppress_os_error:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        return exc_type is not None and issubclass(exc_type, OSError)
+
+
+def list_checkpoints(checkpoint_dir: str | Path) -> list[tuple[int, Path]]:
+    """(iteration, path) of every `model_*.pth` in `checkpoint_dir`, oldest first."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        return []
+    found = []
+    for p in checkpoint_dir.iterdir():
+        m = CHECKPOINT_PATTERN.match(p.name)
+        if m and p.is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def load_checkpoint_file(path: str | Path) -> dict:
+    """Load a training checkpoint on CPU; raise ValueError naming the file when it is unusable."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
+        keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise ValueError(
+            f"checkpoint {path} is not a training checkpoint (needs {REQUIRED_KEYS}, has {keys})"
+        )
+    return state
+
+
+def load_latest_valid(checkpoint_dir: str | Path) -> tuple[dict, Path] | None:
+    """The newest checkpoint in `checkpoint_dir` that loads, skipping unreadable ones with a warning."""
+    for iteration, path in reversed(list_checkpoints(checkpoint_dir)):
+        try:
+            state = load_checkpoint_file(path)
+        except ValueError as e:
+            logger.warning("skipping checkpoint of iteration %d: %s", iteration, e)
+            continue
+        return state, path
+    return None
+
+
+def save_checkpoint(state: dict, checkpoint_dir: str | Path, keep: int) -> Path:
+    """Write `state` (with state["iteration"]) atomically and delete all but the newest `keep`."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    path = atomic_torch_save(state, Path(checkpoint_dir) / checkpoint_name(int(state["iteration"])))
+    for _, old in list_checkpoints(checkpoint_dir)[:-keep]:
+        with _suppress_os_error():
+            old.unlink()
+    return path
+
+
+def capture_rng_state() -> dict:
+    """This process's python, numpy, torch CPU (and current CUDA device) RNG states."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    # numpy's state as a tensor and plain numbers, so checkpoints load with weights_only=True.
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Inverse of `capture_rng_state`."""
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def export_teacher(
+    teacher_state_dict: dict[str, torch.Tensor], output_dir: str | Path, iteration: int
+) -> Path:
+    """Write <output_dir>/eval/<iteration>/teacher_checkpoint.pth as {"teacher": state dict} (Meta's format).
+
+    `teacher_state_dict` is the teacher ModuleDict's state dict ("backbone.*", "dino_head.*", ...),
+    exactly what Meta's DINOv2 writes, so its eval tools and ours load it with checkpoint_key="teacher".
+    """
+    path = Path(output_dir) / "eval" / str(iteration) / "teacher_checkpoint.pth"
+    cpu_state = {k: v.detach().to("cpu", copy=True) for k, v in teacher_state_dict.items()}
+    return atomic_torch_save({"teacher": cpu_state}, path)
