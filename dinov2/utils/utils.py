@@ -1,0 +1,31 @@
+"""Small helpers usable by every stage (DINOv2's dinov2.utils.utils path).
+
+``CosineScheduler`` lives in dinov2.train.schedules (it belongs to training); it is re-exported here
+lazily, through the module ``__getattr__``, so importing dinov2.utils never imports dinov2.train.
+"""
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["CosineScheduler", "fix_random_seeds"]  # noqa: F822 (CosineScheduler comes from __getattr__)
+
+
+def fix_random_seeds(seed: int = 31) -> None:
+    """Seed Python's ``random``, NumPy's global generator and torch (CPU and every CUDA device)."""
+    if not 0 <= int(seed) < 2**32:
+        raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "CosineScheduler":
+        from dinov2.train.schedules import CosineScheduler
+
+        return CosineScheduler
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
