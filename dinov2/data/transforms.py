@@ -38,9 +38,10 @@ HED_FROM_RGB_STAINS = (
     (0.27, 0.57, 0.78),
 )
 
-# Optical density at which a pixel counts as half "stained" when gating the stain shift: pure white
-# (OD 0) keeps its colour exactly, cell interiors (OD ~ 1) get almost the full shift.
-_STAIN_OD_HALF = 0.15
+# Summed optical density at which a pixel counts as half "stained" when gating the stain shift: pure
+# white (OD 0) keeps its colour exactly, near-white glass (OD < 0.1) barely moves, the beige plasma
+# background of PBC smears (OD ~ 0.33) gets ~3/4 of the shift and cells (OD > 1) all of it.
+_STAIN_OD_HALF = 0.2
 # Smallest intensity used before the logarithm (ln(1/OD) would be infinite at 0).
 _MIN_INTENSITY = 1.0 / 512.0
 
@@ -283,9 +284,10 @@ def stain_jitter(image: torch.Tensor, alpha: Sequence[float], beta: Sequence[flo
 
     Colour deconvolution (Ruifrok & Johnston): optical density OD = -ln(I) per channel, stain
     concentrations S = OD @ inv(M) for the stain matrix M (rows: stains). Each stain i is scaled by
-    `alpha[i]` and shifted by `beta[i] * w`, where w = OD_sum / (OD_sum + 0.15) in [0, 1) is a
-    "stained pixel" weight, so an unstained white background stays white while cells change hue and
-    intensity. Then OD' = S' @ M and I' = exp(-OD'). Returns a new tensor clamped to [0, 1].
+    `alpha[i]` and shifted by `beta[i] * w`, where w = OD_sum^2 / (OD_sum^2 + 0.2^2) in [0, 1) is a
+    "stained pixel" weight (dye binds to cells, not to bare glass), so a white background stays
+    white while cells change hue and intensity. Then OD' = S' @ M and I' = exp(-OD').
+    Returns a new tensor clamped to [0, 1].
     With alpha = 1 and beta = 0 it returns the input (up to rounding, for intensities >= 1/512).
     """
     channels, height, width = image.shape
@@ -301,8 +303,8 @@ def stain_jitter(image: torch.Tensor, alpha: Sequence[float], beta: Sequence[flo
     mix = (stain_from_rgb * scale) @ rgb_from_stain
     offset = shift @ rgb_from_stain
     od = image.reshape(3, -1).clamp_min(_MIN_INTENSITY).log_().neg_()
-    od_sum = od.sum(dim=0, keepdim=True)
-    weight = od_sum / (od_sum + _STAIN_OD_HALF)
+    od_sum_sq = od.sum(dim=0, keepdim=True).square_()
+    weight = od_sum_sq / (od_sum_sq + _STAIN_OD_HALF**2)
     new_od = torch.addmm(offset.to(image.dtype).view(3, 1) * weight, mix.T.to(image.dtype), od)
     return new_od.neg_().exp_().clamp_(0.0, 1.0).view(3, height, width)
 
