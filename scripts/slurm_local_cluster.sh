@@ -49,6 +49,11 @@ die() {
     say "error: $*"
     exit 1
 }
+# Exit status 3 means "SLURM could not be installed here" (tests skip on it, every other failure fails).
+die_install() {
+    say "error: $*"
+    exit 3
+}
 
 # True when PID $1 is alive and still the daemon we started (its command line names program $2
 # and this state dir), so a recycled PID is never signalled.
@@ -84,17 +89,17 @@ ensure_packages() {
     if [ "${#missing[@]}" -eq 0 ]; then return 0; fi
     say "missing programs: ${missing[*]}; installing Debian packages slurmctld slurmd slurm-client munge"
     command -v apt-get >/dev/null 2>&1 ||
-        die "apt-get not found: install SLURM (slurmctld, slurmd, client tools) and munge yourself"
-    [ "$(id -u)" -eq 0 ] || die "installing packages needs root: run this script with sudo"
+        die_install "apt-get not found: install SLURM (slurmctld, slurmd, client tools) and munge yourself"
+    [ "$(id -u)" -eq 0 ] || die_install "installing packages needs root: run this script with sudo"
     local pkgs=(slurmctld slurmd slurm-client munge)
     # policy-rc.d style: never let the packages start system services; we start our own daemons.
     if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${pkgs[@]}" \
         >"$STATE_DIR/log/apt.log" 2>&1; then
         say "apt-get install failed; running apt-get update first"
         DEBIAN_FRONTEND=noninteractive apt-get update -q >>"$STATE_DIR/log/apt.log" 2>&1 ||
-            die "apt-get update failed (see $STATE_DIR/log/apt.log)"
+            die_install "apt-get update failed (see $STATE_DIR/log/apt.log)"
         DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${pkgs[@]}" \
-            >>"$STATE_DIR/log/apt.log" 2>&1 || die "apt-get install failed (see $STATE_DIR/log/apt.log)"
+            >>"$STATE_DIR/log/apt.log" 2>&1 || die_install "apt-get install failed (see $STATE_DIR/log/apt.log)"
     fi
     say "installed: $(sinfo --version 2>/dev/null || echo 'slurm')"
 }

@@ -105,13 +105,14 @@ class PreemptionFlag:
         # Runs between two bytecodes of the main thread: do nothing but record.
         self._record(signal.Signals(signum))
 
-    def _record(self, signum: signal.Signals) -> None:
+    def _record(self, signum: signal.Signals, forwarded: bool = False) -> None:
         if signum not in self.received:
             self.received.append(signum)
-            logger.warning("preemption: received %s, stopping at the next step boundary", signum.name)
+            if not forwarded:
+                logger.warning("preemption: received %s, stopping at the next step boundary", signum.name)
         outer = _flag_of(self._previous.get(signum))
         if outer is not None:
-            outer._record(signum)
+            outer._record(signum, forwarded=True)
 
     # -- queries ----------------------------------------------------------------------------
     def is_set(self) -> bool:

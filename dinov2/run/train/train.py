@@ -1,0 +1,50 @@
+"""Submit DINOv2 pretraining to SLURM (console script `dinov2-submit-train`).
+
+    python dinov2/run/train/train.py --config-file dinov2/configs/train/vitl_cellsim_register.yaml \\
+        --output-dir /your/output/dir --partition hard --ngpus 2
+
+runs dinov2.train.train.main on 1 node with 2 GPUs (one task per GPU) of partition `hard`. Options
+after the launcher's are the training's own (`--no-resume`, trailing `key=value` config overrides);
+`--dry-run` prints the sbatch script instead of submitting. Checkpoints go to
+OUTPUT_DIR/checkpoints/, submitit's logs to OUTPUT_DIR/<job id>/. Near the time limit or when
+preempted, training saves a checkpoint and the job requeues itself and resumes from it.
+"""
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:
+    # Run as a file from a checkout: import this checkout's dinov2 (not the script's folder).
+    sys.path[0] = str(Path(__file__).resolve().parents[3])
+
+from dinov2.run.submit import Task, get_args_parser, launch
+
+
+class TrainTask(Task):
+    """One training process; stops gracefully on SIGUSR2/SIGTERM and is requeued."""
+
+    graceful_preemption = True
+
+    def run(self):
+        from dinov2.train.train import main as train_main
+
+        return train_main(self.args)
+
+
+def get_parser():
+    from dinov2.train.train import get_args_parser as get_train_args_parser
+
+    return get_args_parser(
+        description="Submit DINOv2 pretraining to SLURM", parents=[get_train_args_parser(add_help=False)]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    return launch(get_parser(), TrainTask, "dinov2:train", argv)
+
+
+if __name__ == "__main__":
+    # Submit through the package module so the pickled TrainTask is importable inside the job.
+    from dinov2.run.train.train import main as package_main
+
+    sys.exit(package_main())
