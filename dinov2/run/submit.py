@@ -229,6 +229,12 @@ class Task(submitit.helpers.Checkpointable):
     def run(self) -> Any:
         raise NotImplementedError(f"{type(self).__name__} must implement run() to call its entry point")
 
+    @classmethod
+    def validate(cls, args: argparse.Namespace, dry_run: bool) -> None:
+        """Check the entry point's arguments before submitting, so mistakes surface now rather
+        than in a job log after queueing; raise ValueError/FileNotFoundError with the problem.
+        `dry_run`: only check what does not depend on this machine's files."""
+
     def __call__(self) -> Any:
         env = distributed_environment()
         os.environ.update(env)
@@ -397,14 +403,20 @@ def submit_jobs(task_class: type[Task], args: argparse.Namespace, name: str) -> 
     if not getattr(args, "output_dir", None):
         raise SubmissionError("--output-dir is required: job logs, checkpoints and results are written there")
     params = sbatch_parameters(args, name)
+    try:
+        task_class.validate(args, dry_run=args.dry_run)
+    except (ValueError, FileNotFoundError) as e:
+        raise SubmissionError(f"invalid arguments for {name}: {e}") from None
     if args.dry_run:
         print(render_sbatch_script(params, args.output_dir), end="")
         print(f"# dry run: nothing submitted ({task_class.__name__}, {name})", file=sys.stderr)
         return None
     check_slurm_available()
     args.output_dir = str(check_output_dir(args.output_dir))
-    if getattr(args, "config_file", None):
-        args.config_file = str(Path(args.config_file).expanduser().absolute())
+    config_file = getattr(args, "config_file", None)
+    if config_file and Path(config_file).expanduser().exists():
+        # absolute, so the job finds it whatever its working directory (packaged names stay as given)
+        args.config_file = str(Path(config_file).expanduser().absolute())
     check_partition(args.partition)
 
     executor = submitit.AutoExecutor(

@@ -230,3 +230,21 @@ def test_task_checkpoint_resubmits_a_fresh_task_with_the_same_args():
     assert delayed.function.args is task.args and delayed.args == () and delayed.kwargs == {}
     with pytest.raises(NotImplementedError, match="Task must implement run"):
         Task(argparse.Namespace()).run()
+
+
+def test_entry_point_validation_runs_before_anything_is_submitted(tmp_path, capsys):
+    seen = []
+
+    class Strict(Task):
+        @classmethod
+        def validate(cls, args, dry_run):
+            seen.append(dry_run)
+            if args.opts:
+                raise ValueError(f"unknown key {args.opts[0].split('=')[0]!r}")
+
+    parser = get_args_parser(parents=[_entry_parser()])
+    argv = ["--output-dir", str(tmp_path / "o"), "--dry-run", "optim.epoch=3"]
+    assert launch(parser, Strict, "dinov2:strict", argv) == 2
+    captured = capsys.readouterr()
+    assert "error: invalid arguments for dinov2:strict: unknown key 'optim.epoch'" in captured.err
+    assert captured.out == "" and seen == [True]  # no script printed for invalid arguments

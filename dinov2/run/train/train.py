@@ -30,6 +30,14 @@ class TrainTask(Task):
 
         return train_main(self.args)
 
+    @classmethod
+    def validate(cls, args, dry_run: bool) -> None:
+        # The whole config (unknown keys, types, values) is checked at submission time; dataset
+        # paths only for a real submission (a dry run may be prepared away from the cluster).
+        from dinov2.utils.config import get_cfg_from_args
+
+        get_cfg_from_args(args, check_paths=not dry_run)
+
 
 def get_parser():
     from dinov2.train.train import get_args_parser as get_train_args_parser
