@@ -159,3 +159,39 @@ def test_fuse_keeps_first_appearance_order():
 def test_bad_decay_raises():
     with pytest.raises(ValueError, match="layerwise_decay"):
         get_params_groups_with_decay(TinyViT(), lr_decay_rate=0.0)
+
+
+@pytest.mark.parametrize("block_chunks", [0, 2])
+def test_real_backbone_multipliers(block_chunks):
+    from dinov2.models.vision_transformer import DinoVisionTransformer
+
+    model = DinoVisionTransformer(
+        img_size=28, patch_size=7, embed_dim=16, depth=4, num_heads=2, block_chunks=block_chunks,
+        num_register_tokens=1, init_values=1.0,
+    )  # fmt: skip
+    groups = {
+        g["name"]: g for g in get_params_groups_with_decay(model, lr_decay_rate=0.5, patch_embed_lr_mult=0.1)
+    }
+    assert len(groups) == len(list(model.parameters()))
+    prefix = {0: "blocks.{i}.", 2: "blocks.{c}.{i}."}[block_chunks]
+
+    def block(i, rest):
+        return prefix.format(c=i // 2, i=i) + rest
+
+    # depth 4: layer 0 -> 0.5^5, block i -> 0.5^(4 - i), final norm -> 1
+    expected = {
+        "cls_token": (0.5**5, 1.0),
+        "register_tokens": (0.5**5, 1.0),
+        "pos_embed": (0.5**5, 1.0),
+        "mask_token": (0.5**5, 1.0),
+        "patch_embed.proj.weight": (0.5**5 * 0.1, 1.0),
+        block(0, "attn.qkv.weight"): (0.5**4, 1.0),
+        block(1, "mlp.fc1.bias"): (0.5**3, 0.0),
+        block(2, "ls1.gamma"): (0.5**2, 0.0),
+        block(3, "norm2.weight"): (0.5, 0.0),
+        block(3, "attn.proj.weight"): (0.5, 1.0),
+        "norm.weight": (1.0, 0.0),
+    }
+    for name, (lr_mult, wd_mult) in expected.items():
+        assert groups[name]["lr_multiplier"] == pytest.approx(lr_mult), name
+        assert groups[name]["wd_multiplier"] == wd_mult, name
