@@ -1,5 +1,6 @@
 """Two gloo processes must give the same teacher targets and centers as one process on the full batch."""
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -57,5 +58,6 @@ def _reference_sinkhorn(scores, temp, n_iter=3):
     return (q * b).t().float()
 
 
+@pytest.mark.slow
 def test_two_process_gloo_matches_single_process(tmp_path):
     mp.spawn(_worker, args=(2, str(tmp_path / "store")), nprocs=2, join=True)

@@ -52,7 +52,7 @@ def _arch(seed=0, **cfg_kwargs):
     return arch
 
 
-def _batch(seed=0):
+def _batch(seed=0, b=B):
     g = torch.Generator().manual_seed(seed)
     samples = [
         (
@@ -62,7 +62,7 @@ def _batch(seed=0):
             },
             -1,
         )
-        for _ in range(B)
+        for _ in range(b)
     ]
     gen = MaskingGenerator(GRID, max_num_patches=GRID * GRID // 2, rng=random.Random(seed))
     batch = collate_data_and_cast(samples, (0.1, 0.5), 0.5, torch.float32, GRID * GRID, gen)
@@ -287,3 +287,60 @@ def test_builds_backbones_from_config():
     assert "student.backbone.blocks.0.attn.qkv.weight" in arch.state_dict()
     assert "teacher.dino_head.last_layer.weight_g" in arch.state_dict()
     assert {"dino_loss.center", "ibot_patch_loss.center"} <= set(arch.state_dict())
+
+
+# ------------------------------------------------------------------ two processes (gloo)
+def _rank_batch(batch: dict, rank: int, world: int, b: int) -> dict:
+    """The part of a collated batch of b images that rank `rank` sees (its images, both crops, same masks)."""
+    per = b // world
+    rows = [c * b + rank * per + i for c in range(2) for i in range(per)]
+    local_rows = [j * b + rank * per + i for j in range(N_LOCAL) for i in range(per)]
+    masks = batch["collated_masks"][rows]
+    weights = (1.0 / masks.sum(-1).clamp(min=1)).unsqueeze(-1).expand_as(masks)[masks]
+    idx = masks.flatten().nonzero().flatten()
+    return {
+        "collated_global_crops": batch["collated_global_crops"][rows],
+        "collated_local_crops": batch["collated_local_crops"][local_rows],
+        "collated_masks": masks,
+        "mask_indices_list": idx,
+        "masks_weight": weights,
+        "upperbound": batch["upperbound"],
+        "n_masked_patches": torch.tensor([len(idx)]),
+    }
+
+
+def _dist_worker(rank: int, world: int, tmp: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
+    try:
+        arch = _arch(centering="sinkhorn_knopp", **{"dino": {"koleo_loss_weight": 0.0}})
+        batch = _rank_batch(_batch(3, b=4), rank, world, b=4)
+        losses = arch.forward_backward(batch, teacher_temp=0.05)
+        grads = [p.grad.clone() for p in arch.student.parameters()]
+        for g in grads:  # what the training loop's gradient averaging does
+            dist.all_reduce(g)
+            g /= world
+        values = torch.stack([losses[k] for k in sorted(losses)])
+        dist.all_reduce(values)
+        if rank == 0:
+            torch.save({"grads": grads, "losses": dict(zip(sorted(losses), values / world))}, f"{tmp}/out.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_with_averaged_gradients_equal_one_process_on_the_full_batch(tmp_path):
+    import torch.multiprocessing as mp
+
+    # 4 images split 2 + 2. KoLeo is left out: it compares neighbours within each process's batch.
+    arch = _arch(centering="sinkhorn_knopp", **{"dino": {"koleo_loss_weight": 0.0}})
+    full = arch.forward_backward(_batch(3, b=4), teacher_temp=0.05)
+    mp.spawn(_dist_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    out = torch.load(tmp_path / "out.pt")
+    for key, value in full.items():
+        assert out["losses"][key].item() == pytest.approx(value.item(), rel=1e-5), key
+    for (name, p), g in zip(arch.student.named_parameters(), out["grads"]):
+        scale = p.grad.abs().max().item()
+        assert (p.grad - g).abs().max().item() <= 1e-5 * scale + 1e-9, name
