@@ -49,6 +49,9 @@ _SOLARIZE = 35
 _STAIN = slice(36, 42)  # 3 scales then 3 shifts
 UNIFORMS_PER_CROP = 42
 
+# Gaussian blur taps (DINOv2 uses torchvision's GaussianBlur(kernel_size=9)).
+BLUR_KERNEL_SIZE = 9
+
 # ColorJitter op names in torchvision's indexing order (its randperm(4) permutes these).
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
 
@@ -119,6 +122,11 @@ class CropRecipe:
         low, high = self.blur_sigma
         if not 0.0 < low <= high:
             raise ValueError(f"blur_sigma must satisfy 0 < min <= max, got {self.blur_sigma!r}")
+        if self.blur_p > 0 and self.size <= BLUR_KERNEL_SIZE // 2:
+            raise ValueError(
+                f"crop size {self.size} is too small for the {BLUR_KERNEL_SIZE}-tap blur "
+                f"(needs > {BLUR_KERNEL_SIZE // 2} pixels); use a larger crop or blur_p=0"
+            )
         if not 0.0 <= self.stain_jitter < 1.0:
             raise ValueError(f"stain_jitter must be in [0, 1), got {self.stain_jitter}")
 
@@ -197,8 +205,13 @@ def _apply_jitter_op(image: torch.Tensor, name: str, factor: float) -> torch.Ten
     return T.adjust_hue(image, factor)
 
 
-def apply_crop(image: torch.Tensor, recipe: CropRecipe, params: CropParams) -> torch.Tensor:
-    """Cut, resize and augment one crop of a uint8 [3, H, W] image -> normalised float32 [3, S, S]."""
+def apply_crop(
+    image: torch.Tensor, recipe: CropRecipe, params: CropParams, normalize: T.ChannelNormalize | None = None
+) -> torch.Tensor:
+    """Cut, resize and augment one crop of a uint8 [3, H, W] image -> normalised float32 [3, S, S].
+
+    `normalize` defaults to ImageNet statistics.
+    """
     top, left, height, width = params.box
     crop = T.resized_crop_uint8(image, top, left, height, width, recipe.size)
     if params.flip:
@@ -214,10 +227,10 @@ def apply_crop(image: torch.Tensor, recipe: CropRecipe, params: CropParams) -> t
         # Keep one plane: blur and solarise then touch a third of the data; normalise expands it.
         x = T.rgb_to_gray(x)
     if params.blur_sigma is not None:
-        x = T.gaussian_blur(x, params.blur_sigma)
+        x = T.gaussian_blur(x, params.blur_sigma, BLUR_KERNEL_SIZE)
     if params.solarize:
         x = T.solarize_(x)
-    return T.normalize(x)
+    return (normalize or T.ChannelNormalize())(x)
 
 
 def image_to_uint8_chw(image: PIL.Image.Image | torch.Tensor) -> torch.Tensor:
@@ -286,6 +299,7 @@ class DataAugmentationDINO:
             solarize_p=0.2,
             stain_jitter=self.stain_jitter,
         )
+        self.normalize = T.ChannelNormalize(T.IMAGENET_DEFAULT_MEAN, T.IMAGENET_DEFAULT_STD)
         self.local_recipe = CropRecipe(
             local_crops_size, self.local_crops_scale, blur_p=0.5, stain_jitter=self.stain_jitter
         )
@@ -304,7 +318,7 @@ class DataAugmentationDINO:
     def __call__(self, image: PIL.Image.Image | torch.Tensor) -> dict:
         pixels = image_to_uint8_chw(image)
         params = self.sample_params(pixels.shape[1], pixels.shape[2])
-        crops = [apply_crop(pixels, r, p) for r, p in zip(self.recipes, params)]
+        crops = [apply_crop(pixels, r, p, self.normalize) for r, p in zip(self.recipes, params)]
         global_crops = crops[:2]
         return {
             "global_crops": global_crops,

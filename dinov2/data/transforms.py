@@ -162,8 +162,8 @@ def resized_crop_uint8(
 
 
 def uint8_to_float(image: torch.Tensor) -> torch.Tensor:
-    """uint8 tensor -> new contiguous float32 tensor in [0, 1]."""
-    return torch.mul(image, 1.0 / 255.0).contiguous()
+    """uint8 tensor -> new contiguous float32 tensor in [0, 1] (torchvision's `to_dtype(scale=True)`)."""
+    return image.to(torch.float32, memory_format=torch.contiguous_format).mul_(1.0 / 255.0)
 
 
 def adjust_brightness_(image: torch.Tensor, factor: float) -> torch.Tensor:
@@ -171,23 +171,21 @@ def adjust_brightness_(image: torch.Tensor, factor: float) -> torch.Tensor:
     return image.mul_(factor).clamp_(max=1.0)
 
 
-def _gray_weights(image: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(GRAY_WEIGHTS, dtype=image.dtype, device=image.device)
-
-
 def rgb_to_gray(image: torch.Tensor) -> torch.Tensor:
-    """Luma of a float [3, H, W] image -> [1, H, W] (0.2989 R + 0.587 G + 0.114 B)."""
-    channels, height, width = image.shape
-    if channels != 3:
+    """Luma of a float [3, H, W] image -> [1, H, W] (0.2989 R + 0.587 G + 0.114 B, torchvision's order)."""
+    if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"expected an RGB image [3, H, W], got shape {tuple(image.shape)}")
-    return (_gray_weights(image) @ image.reshape(3, -1)).view(1, height, width)
+    r, g, b = image.unbind(0)
+    w_r, w_g, w_b = GRAY_WEIGHTS
+    return r.mul(w_r).add_(g, alpha=w_g).add_(b, alpha=w_b).unsqueeze(0)
 
 
 def adjust_contrast_(image: torch.Tensor, factor: float) -> torch.Tensor:
     """In place blend with the image's mean luma: `clamp(c * x + (1 - c) * mean_gray, 0, 1)`."""
-    # The mean of the luma equals the luma of the per-channel means (both are linear), one pass.
-    mean_gray = _gray_weights(image) @ image.reshape(image.shape[0], -1).mean(dim=1)
-    return image.mul_(factor).add_(mean_gray * (1.0 - factor)).clamp_(0.0, 1.0)
+    # The mean of the luma is the luma of the channel means (both are linear): one reduction pass.
+    channel_means = image.mean(dim=(1, 2)).tolist()
+    mean_gray = sum(w * m for w, m in zip(GRAY_WEIGHTS, channel_means))
+    return image.mul_(factor).add_((1.0 - factor) * mean_gray).clamp_(0.0, 1.0)
 
 
 def adjust_saturation_(image: torch.Tensor, factor: float) -> torch.Tensor:
@@ -196,56 +194,82 @@ def adjust_saturation_(image: torch.Tensor, factor: float) -> torch.Tensor:
     return image.mul_(factor).add_(gray, alpha=1.0 - factor).clamp_(0.0, 1.0)
 
 
-# Channel offsets n of the HSV -> RGB formula c = V - C * clamp(min(k, 4 - k), 0, 1),
-# k = (n + 6 h) mod 6, for R, G, B.
-_HUE_OFFSETS = (5.0, 3.0, 1.0)
+def _negative_step(x: torch.Tensor) -> torch.Tensor:
+    """-1 where x < 0, 0 where x >= 0, for x in [-1, 1] (new tensor).
+
+    Comparisons and torch.where run an order of magnitude slower than arithmetic on CPU tensors;
+    floor(min(x, 0)) gives the same step exactly, whatever the size of a negative x.
+    """
+    return x.clamp(max=0.0).floor_()
 
 
 def adjust_hue(image: torch.Tensor, factor: float) -> torch.Tensor:
-    """Rotate the HSV hue of a float [3, H, W] image by `factor` turns (|factor| <= 0.5).
+    """Rotate the HSV hue of a float [3, H, W] image in [0, 1] by `factor` turns (|factor| <= 0.5).
 
-    Equal to torchvision's RGB -> HSV, `h = (h + factor) mod 1`, HSV -> RGB, but without building
-    the HSV image: value (max) and chroma (max - min) are kept and each channel is rebuilt from the
-    rotated hue sector, which needs about a third of the memory passes.
+    Equal (to float rounding) to torchvision's RGB -> HSV, `h = (h + factor) mod 1`, HSV -> RGB, but
+    without building the HSV image or using comparisons: value V = max, chroma C = max - min and the
+    hexagonal hue H (in sixths of a turn) are computed with min/max/floor arithmetic, then each channel
+    is rebuilt as V - C + C * trapezoid(H + 6 * factor - 2n), the piecewise-linear HSV -> RGB curve.
     """
     if not -0.5 <= factor <= 0.5:
         raise ValueError(f"hue factor must be in [-0.5, 0.5], got {factor}")
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"expected an RGB image [3, H, W], got shape {tuple(image.shape)}")
     r, g, b = image.unbind(0)
-    maxc = torch.maximum(torch.maximum(r, g), b)
-    chroma = maxc - torch.minimum(torch.minimum(r, g), b)
-    # Grey pixels have chroma 0; their hue numerators are 0 too, so any finite inverse works.
+    g_minus_b = g - b
+    gb_max = torch.maximum(g, b)
+    gb_min = torch.minimum(g, b)
+    value = torch.maximum(r, gb_max)
+    chroma = value - torch.minimum(r, gb_min)
+    # Grey pixels have chroma 0 and hue numerators 0, so any finite inverse works for them.
     inv_chroma = chroma.clamp_min(1e-12).reciprocal_()
-    # Hue in sixths of a turn (the sector formula of torchvision / Pillow, red wins ties, then green).
-    hue6 = torch.where(maxc == r, g - b, torch.where(maxc == g, b - r + 2.0 * chroma, r - g + 4.0 * chroma))
-    hue6.mul_(inv_chroma).add_(6.0 * factor)
-    offsets = torch.tensor(_HUE_OFFSETS, dtype=image.dtype, device=image.device).view(3, 1, 1)
-    k = (hue6 + offsets).remainder_(6.0)
-    ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
-    return torch.sub(maxc, ramp.mul_(chroma))
+    blue_beats_green = _negative_step(g_minus_b)  # -1 where g < b, else 0
+    red_is_max = _negative_step(r - gb_max).add_(1.0)  # 1 where r >= g, b (red wins ties, as in torchvision)
+    # Red max: H = (g - b) / C (in [-1, 1], wrapped later). Otherwise |(r - min(g, b)) / C - 2 - 6 f|
+    # equals 2 + (b - r) / C when green is the max (green wins ties with blue) and 4 + (r - g) / C
+    # when blue is, with f = blue_beats_green.
+    other = (r - gb_min).mul_(inv_chroma).sub_(blue_beats_green, alpha=6.0).sub_(2.0).abs_()
+    hue6 = torch.lerp(other, g_minus_b.mul_(inv_chroma), red_is_max)  # in [-1, 5]
+    shift = 6.0 * factor
+    if abs(shift) > 1.0:
+        # Bring H + shift back to [0, 6) so the trapezoid below stays within its valid range.
+        hue6.add_(shift)
+        hue6.sub_(torch.floor(hue6 * (1.0 / 6.0)).mul_(6.0))
+        shift = 0.0
+    offsets = torch.tensor([shift, shift - 2.0, shift - 4.0], dtype=image.dtype, device=image.device)
+    # (1 - HSV ramp) for channel n: clamp(||z| - 3| - 1, 0, 1) with z = H' - 2n, which is the 6-periodic
+    # trapezoid for z in [-6, 6]; H' in [-2, 6] keeps z there.
+    ramp = torch.add(hue6, offsets.view(3, 1, 1)).abs_().sub_(3.0).abs_().sub_(1.0).clamp_(0.0, 1.0)
+    return ramp.mul_(chroma).add_(value.sub_(chroma))
 
 
-def gaussian_kernel1d(sigma: float, kernel_size: int = 9, dtype=torch.float32) -> torch.Tensor:
-    """Normalised 1-D Gaussian taps at integer offsets -(k-1)/2..(k-1)/2 (torchvision's kernel)."""
+def _gaussian_taps(sigma: float, kernel_size: int) -> list[float]:
     if sigma <= 0:
         raise ValueError(f"sigma must be positive, got {sigma}")
     if kernel_size <= 0 or kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
-    half = (kernel_size - 1) / 2
-    x = torch.linspace(-half, half, kernel_size, dtype=torch.float64)
-    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    return (kernel / kernel.sum()).to(dtype)
+    half = kernel_size // 2
+    weights = [math.exp(-0.5 * ((i - half) / sigma) ** 2) for i in range(kernel_size)]
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def gaussian_kernel1d(sigma: float, kernel_size: int = 9, dtype=torch.float32) -> torch.Tensor:
+    """Normalised 1-D Gaussian taps at integer offsets -(k-1)/2..(k-1)/2 (torchvision's kernel)."""
+    return torch.tensor(_gaussian_taps(sigma, kernel_size), dtype=dtype)
 
 
 def gaussian_blur(image: torch.Tensor, sigma: float, kernel_size: int = 9) -> torch.Tensor:
     """Gaussian blur of a float [C, H, W] image with reflect padding (torchvision's semantics).
 
-    Separable: 2 * kernel_size shifted multiply-adds instead of a kernel_size**2 2-D convolution.
+    Separable: 2 * kernel_size shifted multiply-adds instead of a kernel_size**2 2-D convolution
+    (torch's depthwise convolutions are several times slower than this on CPU for 9 taps).
     """
     channels, height, width = image.shape
     half = kernel_size // 2
     if height <= half or width <= half:
         raise ValueError(f"image {height}x{width} too small for a {kernel_size}-tap reflect-padded blur")
-    taps = gaussian_kernel1d(sigma, kernel_size, torch.float64).tolist()
+    taps = _gaussian_taps(sigma, kernel_size)
     padded = F.pad(image[None], (half, half, half, half), mode="reflect")[0]
     rows = padded[:, :, 0:width] * taps[0]
     for t in range(1, kernel_size):
@@ -258,7 +282,27 @@ def gaussian_blur(image: torch.Tensor, sigma: float, kernel_size: int = 9) -> to
 
 def solarize_(image: torch.Tensor, threshold: float = 128.0 / 255.0) -> torch.Tensor:
     """In place `x if x < threshold else 1 - x` (Pillow's solarize at 128 for uint8 images)."""
-    return torch.where(image >= threshold, 1.0 - image, image, out=image)
+    inverted = _negative_step(image - threshold).add_(1.0)  # 1 where x >= threshold, else 0
+    # lerp returns its start exactly at weight 0 and its end exactly at weight 1.
+    return image.lerp_(torch.sub(1.0, image), inverted)
+
+
+class ChannelNormalize:
+    """`(x - mean) / std` per channel as one multiply-add with constants built once.
+
+    A [1, H, W] grey image becomes [3, H, W] (the grey plane normalised with each channel's statistics).
+    """
+
+    def __init__(
+        self, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD
+    ):
+        if len(mean) != len(std) or any(s <= 0 for s in std):
+            raise ValueError(f"mean and std need the same length and std > 0, got mean={mean}, std={std}")
+        self.scale = torch.tensor([1.0 / s for s in std], dtype=torch.float32).view(-1, 1, 1)
+        self.bias = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32).view(-1, 1, 1)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.bias, image, self.scale)
 
 
 def normalize(
@@ -266,10 +310,8 @@ def normalize(
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
 ) -> torch.Tensor:
-    """`(x - mean) / std` per channel as one multiply-add; a [1, H, W] grey image becomes [3, H, W]."""
-    inv_std = torch.tensor([1.0 / s for s in std], dtype=torch.float32, device=image.device).view(-1, 1, 1)
-    bias = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32, device=image.device)
-    return torch.addcmul(bias.view(-1, 1, 1), image, inv_std)
+    """`(x - mean) / std` per channel; a [1, H, W] grey image becomes [3, H, W]."""
+    return ChannelNormalize(mean, std)(image)
 
 
 def stain_matrices(dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:

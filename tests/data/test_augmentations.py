@@ -56,6 +56,8 @@ def test_output_contract(n_local, global_size, local_size, stain):
     assert set(out) == {"global_crops", "global_crops_teacher", "local_crops", "offsets"}
     assert len(out["global_crops"]) == 2 and len(out["local_crops"]) == n_local
     assert out["offsets"] == ()
+    for crop in out["global_crops"] + out["local_crops"]:
+        assert crop.is_contiguous()
     for crop in out["global_crops"]:
         assert crop.shape == (3, global_size, global_size) and crop.dtype == torch.float32
     for crop in out["local_crops"]:
@@ -92,6 +94,7 @@ def test_uint8_tensor_input_gives_same_result_as_pil():
         (dict(local_crops_size=-14), "crop size"),
         (dict(local_crops_number=-1), "local_crops_number"),
         (dict(stain_jitter=-0.1), "stain_jitter"),
+        (dict(local_crops_size=4), "too small for the 9-tap blur"),
     ],
 )
 def test_invalid_arguments(kwargs, match):
