@@ -45,6 +45,12 @@ def _check_teacher_temp(teacher_temp: float) -> None:
         raise ValueError(f"teacher_temp must be > 0, got {teacher_temp}")
 
 
+def _flush_center_update(module: nn.Module, prefix: str, keep_vars: bool) -> None:
+    """State-dict pre-hook: apply a pending lazy center update so checkpoints hold the current center
+    (a plain function, not a lambda, so the module stays picklable)."""
+    module.apply_center_update()
+
+
 def sinkhorn_knopp(
     scores: Tensor, teacher_temp: float, n_samples_total: Tensor | int, n_iterations: int = 3
 ) -> Tensor:
@@ -123,7 +129,7 @@ class DINOLoss(nn.Module):
         self.reduce_handle = None
         self.len_teacher_output: int | None = None
         self.async_batch_center: Tensor | None = None
-        self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module.apply_center_update())
+        self.register_state_dict_pre_hook(_flush_center_update)
 
     @torch.no_grad()
     def softmax_center_teacher(self, teacher_output: Tensor, teacher_temp: float) -> Tensor:

@@ -22,6 +22,7 @@ from dinov2.loss.dino_clstoken_loss import (
     _check_hparams,
     _check_teacher_temp,
     _dist_active,
+    _flush_center_update,
     _world_size,
     sinkhorn_knopp,
 )
@@ -58,7 +59,7 @@ class iBOTPatchLoss(nn.Module):  # noqa: N801 (DINOv2's public name)
         self.reduce_handle = None
         self.len_teacher_patch_tokens: int | None = None
         self.async_batch_center: Tensor | None = None
-        self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module.apply_center_update())
+        self.register_state_dict_pre_hook(_flush_center_update)
 
     @torch.no_grad()
     def softmax_center_teacher(self, teacher_patch_tokens: Tensor, teacher_temp: float) -> Tensor:

@@ -133,3 +133,12 @@ def test_bad_inputs_raise_clear_errors():
         loss([torch.zeros(2, 4)], [torch.zeros(3, 4)])
     with pytest.raises(ValueError, match="at least one"):
         loss([], [torch.zeros(3, 4)])
+
+
+def test_loss_module_with_pending_update_is_picklable(tmp_path):
+    loss = DINOLoss(out_dim=2)
+    loss.update_center(torch.tensor([[2.0, 0.0]]))
+    torch.save(loss, tmp_path / "loss.pt")
+    restored = torch.load(tmp_path / "loss.pt", weights_only=False)
+    restored.apply_center_update()
+    torch.testing.assert_close(restored.center, torch.tensor([[0.2, 0.0]]))
