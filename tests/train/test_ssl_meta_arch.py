@@ -260,6 +260,16 @@ def test_no_local_crops_and_disabled_terms():
     assert loss_dict["total_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_grad_scaler_scales_the_backpropagated_loss():
+    plain, scaled = _arch(), _arch()
+    plain_losses = plain.forward_backward(_batch(), teacher_temp=0.07)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    losses = scaled.forward_backward(_batch(), teacher_temp=0.07, grad_scaler=scaler)
+    assert losses["total_loss"].item() == pytest.approx(plain_losses["total_loss"].item())  # logged unscaled
+    for (name, p), q in zip(plain.student.named_parameters(), scaled.student.parameters()):
+        torch.testing.assert_close(q.grad, 1024.0 * p.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_bad_batches_and_configs_raise():
     arch = _arch()
     batch = _batch()
