@@ -158,6 +158,7 @@ class SSLMetaArch(nn.Module):
         for name in self.student:
             self.teacher[name].load_state_dict(self.student[name].state_dict())
         self.teacher.requires_grad_(False)
+        self.teacher.eval()
         self.autocast_dtype: torch.dtype | None = self.objective.autocast_dtype
         self._cfg_optim = cfg.optim
 
