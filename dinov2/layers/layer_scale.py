@@ -20,10 +20,16 @@ class LayerScale(nn.Module):
         super().__init__()
         self.inplace = inplace
         self.init_values = init_values
-        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+        self.gamma = nn.Parameter(torch.empty(dim))
+        self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.constant_(self.gamma, float(self.init_values))
+        with torch.no_grad():
+            if isinstance(self.init_values, torch.Tensor):
+                self.gamma.copy_(self.init_values.expand_as(self.gamma))
+            else:
+                # fill_, unlike a broadcast multiply, also runs cheaply on the meta device
+                self.gamma.fill_(float(self.init_values))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.mul_(self.gamma) if self.inplace else x * self.gamma

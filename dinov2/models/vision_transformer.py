@@ -201,7 +201,7 @@ class DinoVisionTransformer(nn.Module):
         if drop_path_uniform:
             dpr = [drop_path_rate] * depth
         else:
-            dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+            dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # cpu: also under meta
         ffn_cls = _ffn_class(ffn_layer)
         blocks_list = [
             block_fn(
@@ -241,7 +241,10 @@ class DinoVisionTransformer(nn.Module):
     # ----------------------------------------------------------------------------- setup
     def init_weights(self) -> None:
         """pos_embed trunc_normal(0.02), cls/register tokens normal(1e-6), mask_token 0, linear
-        layers trunc_normal(0.02) with zero bias; patch conv and norms keep torch's defaults."""
+        layers trunc_normal(0.02) with zero bias; patch conv and norms keep torch's defaults.
+        Skipped on the meta device (no values to set; weights are loaded later)."""
+        if self.cls_token.is_meta:
+            return
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
         if self.register_tokens is not None:

@@ -21,7 +21,6 @@ import os
 import pickle
 import re
 import tempfile
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -83,8 +82,8 @@ def read_checkpoint(path: PathLike) -> tuple[Any, dict[str, str]]:
                 f"load it (only weights_only=True loading is allowed): {str(e).splitlines()[0]}"
             ) from e
         raise ValueError(f"{path} is not a PyTorch checkpoint: {e}") from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise ValueError(f"{path} is not a PyTorch checkpoint: {e}") from e
+    except Exception as e:  # torch's loader fails with many types (IndexError, EOFError, ...) on junk
+        raise ValueError(f"{path} is not a PyTorch checkpoint: {type(e).__name__}: {e}") from e
 
 
 def _is_tensor_dict(obj: Any) -> bool:
@@ -286,11 +285,13 @@ def export_backbone(model: DinoVisionTransformer, path: PathLike) -> Path:
 
 
 # ---------------------------------------------------------------------------------------- inference
-def infer_backbone_config(state_dict: Mapping[str, torch.Tensor], head_dim: int = 64) -> dict[str, Any]:
+def infer_backbone_config(
+    state_dict: Mapping[str, torch.Tensor], num_heads: int | None = None, head_dim: int = 64
+) -> dict[str, Any]:
     """DinoVisionTransformer arguments read off a (flat or chunked) backbone state dict.
 
     embed_dim from cls_token, patch size and channels from patch_embed.proj.weight, depth from the
-    block indices, heads = embed_dim / head_dim (64 in every DINOv2 model), registers from
+    block indices, heads = `num_heads` or else embed_dim / head_dim (64 in every DINOv2 model), registers from
     register_tokens, ffn type from mlp.w12 (SwiGLU) / mlp.fc1 (MLP) / neither (identity), biases and
     LayerScale from key presence, img_size from the length of pos_embed (square grid). Interpolation
     settings cannot be read off the keys; they are left out.
@@ -310,8 +311,12 @@ def infer_backbone_config(state_dict: Mapping[str, torch.Tensor], head_dim: int 
     depth = 1 + max((int(m.group(1)) for k in sd if (m := _BLOCK_INDEX.match(k))), default=-1)
     if depth == 0:
         raise ValueError("not a DINOv2 backbone state dict: no blocks.* keys")
-    if embed_dim % head_dim:
-        raise ValueError(f"embed_dim {embed_dim} is not a multiple of head_dim {head_dim}; pass num_heads")
+    if num_heads is None:
+        if embed_dim % head_dim:
+            raise ValueError(
+                f"embed_dim {embed_dim} is not a multiple of head_dim {head_dim}; pass num_heads"
+            )
+        num_heads = embed_dim // head_dim
     grid = sd["pos_embed"].shape[1] - 1
     side = math.isqrt(grid)
     if side * side != grid:
@@ -335,7 +340,7 @@ def infer_backbone_config(state_dict: Mapping[str, torch.Tensor], head_dim: int 
         "in_chans": proj.shape[1],
         "embed_dim": embed_dim,
         "depth": depth,
-        "num_heads": embed_dim // head_dim,
+        "num_heads": num_heads,
         "mlp_ratio": mlp_ratio,
         "qkv_bias": "blocks.0.attn.qkv.bias" in sd,
         "proj_bias": "blocks.0.attn.proj.bias" in sd,
@@ -359,6 +364,14 @@ def _stored_config(content: Any, metadata: Mapping[str, str]) -> dict[str, Any]:
     return {}
 
 
+def _without_init(factory) -> nn.Module:
+    """Build a model whose every tensor is about to be overwritten by a strict load: construct it
+    on the meta device (no random init of millions of weights) and allocate uninitialised storage."""
+    with torch.device("meta"):
+        model = factory()
+    return model.to_empty(device="cpu")
+
+
 def _split_spec(spec: str) -> tuple[str, str | None]:
     """ "dinov2_vits14_reg:/path/w.pth" -> (name, path); anything else -> (spec, None)."""
     name, sep, rest = spec.partition(":")
@@ -369,7 +382,7 @@ def _split_spec(spec: str) -> tuple[str, str | None]:
 
 def load_backbone(
     spec: PathLike,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = "cpu",
     pretrained_weights: PathLike | None = None,
     checkpoint_key: str | None = None,
     **overrides: Any,
@@ -380,7 +393,7 @@ def load_backbone(
         spec: a released-model name ("dinov2_vits14_reg", optionally "NAME:PATH" for weights), or a
             checkpoint path (Meta's file, our export, our training checkpoint) whose architecture is
             inferred from its keys (see `infer_backbone_config`).
-        device: where to put the model.
+        device: where to put the model (None: leave it where it was built).
         pretrained_weights: weights for a hub name (random init with a warning when omitted).
         checkpoint_key: entry of the checkpoint holding the weights (auto-detected when None).
         overrides: constructor arguments that replace the named or inferred ones (e.g.
@@ -402,9 +415,9 @@ def load_backbone(
             if "pos_embed" in state_dict and "img_size" not in overrides:
                 # Keep the checkpoint's own grid (e.g. our 224 px teacher) instead of resampling it.
                 overrides["img_size"] = infer_backbone_config(state_dict)["img_size"]
-            model = make_released_backbone(name, **overrides)
+            model = _without_init(lambda: make_released_backbone(name, **overrides))
             load_pretrained_weights(model, state_dict, strict=True)
-        return model.to(device).eval()
+        return (model if device is None else model.to(device)).eval()
 
     path = Path(spec_str)
     if not path.exists():
@@ -415,8 +428,8 @@ def load_backbone(
         raise FileNotFoundError(f"backbone checkpoint not found: {path}")
     content, metadata = read_checkpoint(path)
     state_dict = extract_backbone_state_dict(content, checkpoint_key)
-    config = infer_backbone_config(state_dict)
     stored = _stored_config(content, metadata)
+    config = infer_backbone_config(state_dict, num_heads=overrides.get("num_heads", stored.get("num_heads")))
     registers = config["num_register_tokens"] > 0
     config["interpolate_antialias"] = stored.get("interpolate_antialias", registers)
     config["interpolate_offset"] = stored.get("interpolate_offset", 0.0 if registers else 0.1)
@@ -432,10 +445,10 @@ def load_backbone(
         if key in stored:
             config[key] = stored[key]
     config.update(overrides)
-    model = DinoVisionTransformer(**config)
+    model = _without_init(lambda: DinoVisionTransformer(**config))
     load_pretrained_weights(model, state_dict, strict=True)
-    logger.info("built %s backbone from %s: %s", "registered" if registers else "plain", path, config)
-    return model.to(device).eval()
+    logger.info("built backbone from %s: %s", path, config)
+    return (model if device is None else model.to(device)).eval()
 
 
 __all__ = [

@@ -1,0 +1,1 @@
+"""torch.hub entry points (see hubconf.py at the repository root)."""
