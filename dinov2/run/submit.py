@@ -113,7 +113,7 @@ def get_args_parser(
         "--ngpus",
         type=_non_negative_int,
         default=8,
-        help="GPUs per node, one task per GPU (default: 8); 0 runs CPU tasks (see --ntasks-per-node)",
+        help="GPUs per node, one task per GPU (default: %(default)s); 0: CPU tasks (see --ntasks-per-node)",
     )
     group.add_argument("--nodes", type=_positive_int, default=1, help="number of nodes (default: 1)")
     group.add_argument(
@@ -449,10 +449,21 @@ def _describe(params: dict[str, Any]) -> str:
 
 
 def launch(
-    parser: argparse.ArgumentParser, task_class: type[Task], name: str, argv: list[str] | None = None
+    parser: argparse.ArgumentParser,
+    task_class: type[Task],
+    name: str,
+    argv: list[str] | None = None,
+    forward_unknown: bool = False,
 ) -> int:
-    """Parse `argv` with `parser` and submit; a SubmissionError is printed (no traceback), exit code 2."""
-    args = parser.parse_args(argv)
+    """Parse `argv` with `parser` and submit; a SubmissionError is printed (no traceback), exit code 2.
+
+    With `forward_unknown`, arguments the parser does not know are kept, in order, in
+    `args.entry_argv` for the entry point (whose own parser checks them in `Task.validate`).
+    """
+    if forward_unknown:
+        args, args.entry_argv = parser.parse_known_args(argv)
+    else:
+        args = parser.parse_args(argv)
     try:
         submit_jobs(task_class, args, name)
     except SubmissionError as e:
