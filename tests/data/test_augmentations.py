@@ -23,6 +23,16 @@ from dinov2.data.augmentations import (
     sample_crop_params,
 )
 
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Crops are made in single-threaded DataLoader workers; 2 threads on tiny tensors add sync cost."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 MEAN = torch.tensor(T.IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
 STD = torch.tensor(T.IMAGENET_DEFAULT_STD).view(3, 1, 1)
 
@@ -290,3 +300,48 @@ def test_real_cell_images(pbc_root):
         crops = out["global_crops"] + out["local_crops"]
         assert all(torch.isfinite(c).all() for c in crops)
         assert [c.shape[-1] for c in crops] == [224, 224] + [98] * 8
+
+
+def _torchvision_recipe(recipe: CropRecipe):
+    """Meta-style torchvision v1 pipeline on PIL images for one crop kind (the reference)."""
+    steps = [
+        tv.RandomResizedCrop(recipe.size, scale=recipe.scale, interpolation=InterpolationMode.BICUBIC),
+        tv.RandomHorizontalFlip(p=recipe.flip_p),
+        tv.RandomApply([tv.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=recipe.color_jitter_p),
+        tv.RandomGrayscale(p=recipe.grayscale_p),
+        tv.RandomApply([tv.GaussianBlur(9, sigma=recipe.blur_sigma)], p=recipe.blur_p),
+        tv.RandomSolarize(128, p=recipe.solarize_p),
+        tv.ToTensor(),
+    ]
+    return tv.Compose(steps)
+
+
+def _crop_features(crops: list[torch.Tensor]) -> dict[str, np.ndarray]:
+    stacked = torch.stack(crops).double()
+    return {
+        "mean": stacked.mean(dim=(1, 2, 3)).numpy(),
+        "spatial std": stacked.std(dim=(2, 3)).mean(dim=1).numpy(),  # blur lowers it
+        "red - blue": (stacked[:, 0] - stacked[:, 2]).mean(dim=(1, 2)).numpy(),  # grey makes it 0
+        "sharpness": (stacked[..., 1:] - stacked[..., :-1]).abs().mean(dim=(1, 2, 3)).numpy(),
+    }
+
+
+def test_whole_recipe_matches_torchvision_pil_pipeline_statistically():
+    # Crop statistics of ours and of Meta's torchvision-on-PIL recipe follow the same distributions
+    # (two-sample KS tests on 300 crops each, fixed seeds, for each kind of crop).
+    img = _cell_image(72, 72, seed=2)
+    pixels = T.pil_to_uint8_chw(img)
+    aug = DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), 1, 40, 20)
+    identity = T.ChannelNormalize((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    n = 300
+    for recipe in aug.recipes:
+        torch.manual_seed(21)
+        uniforms = torch.rand(n, UNIFORMS_PER_CROP, dtype=torch.float64).tolist()
+        ours = [apply_crop(pixels, recipe, sample_crop_params(recipe, 72, 72, u), identity) for u in uniforms]
+        torch.manual_seed(22)
+        reference = _torchvision_recipe(recipe)
+        theirs = [reference(img) for _ in range(n)]
+        ours_f, theirs_f = _crop_features(ours), _crop_features(theirs)
+        for name in ours_f:
+            pvalue = stats.ks_2samp(ours_f[name], theirs_f[name]).pvalue
+            assert pvalue > 1e-3, (recipe.blur_p, recipe.solarize_p, name, pvalue)

@@ -13,6 +13,15 @@ from torchvision.transforms.v2 import functional as F2
 from dinov2.data import transforms as T
 
 
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Crops are made in single-threaded DataLoader workers; 2 threads on tiny tensors add sync cost."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def image() -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
