@@ -40,7 +40,8 @@ CTLD_PORT="${DINOV2_SLURM_CTLD_PORT:-16817}"
 SLURMD_PORT="${DINOV2_SLURM_SLURMD_PORT:-16818}"
 NODE_NAME="$(hostname -s)"
 CONF="$STATE_DIR/etc/slurm.conf"
-MUNGE_SOCKET="$STATE_DIR/munge/munge.socket"
+# The socket sits outside the private munge/ folder (key only) so non-root users can submit.
+MUNGE_SOCKET="$STATE_DIR/run/munge.socket"
 SHIM_DIR="$SCRIPT_DIR/slurm_sacct_shim"
 START_TIMEOUT_S="${DINOV2_SLURM_START_TIMEOUT_S:-60}"
 
@@ -49,7 +50,8 @@ die() {
     say "error: $*"
     exit 1
 }
-# Exit status 3 means "SLURM could not be installed here" (tests skip on it, every other failure fails).
+# Exit status 3 means "SLURM cannot be installed or started here" (no apt-get, not root): tests skip
+# on it; every other failure is an error.
 die_install() {
     say "error: $*"
     exit 3
@@ -168,6 +170,8 @@ cluster_env() {
 }
 
 cmd_start() {
+    [ "$(id -u)" -eq 0 ] ||
+        die_install "starting the cluster needs root (slurmd starts jobs as their users): run with sudo"
     mkdir -p "$STATE_DIR"/{etc,ctld,spool,log,run,pids,munge}
     chmod 700 "$STATE_DIR/munge"
     ensure_packages

@@ -289,7 +289,8 @@ def sbatch_parameters(args: argparse.Namespace, name: str) -> dict[str, Any]:
         "nodes": args.nodes,
         "ntasks_per_node": ngpus if ngpus > 0 else args.ntasks_per_node,
         "cpus_per_task": args.cpus_per_task or (DEFAULT_CPUS_PER_GPU_TASK if ngpus > 0 else 1),
-        "signal_delay_s": SIGNAL_DELAY_S,
+        # never more than half the time limit, or a short job would be told to stop as it starts
+        "signal_delay_s": min(SIGNAL_DELAY_S, args.timeout * 60 // 2),
         "setup": _setup_lines(),
     }
     if ngpus > 0:
