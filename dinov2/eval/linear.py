@@ -79,6 +79,8 @@ def _check_xy(x, y, name: str) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"{name}: labels contain negative (unlabeled) entries")
     if not np.isfinite(x).all():
         raise ValueError(f"{name}: features contain NaN or infinite values")
+    if name == "training set" and len(np.unique(y)) < 2:
+        raise ValueError(f"{name}: a linear probe needs at least 2 classes, got only class {int(y[0])}")
     return x, y
 
 

@@ -131,6 +131,10 @@ def cross_dataset_eval(
     _unknown(list(mapping), src_names, "source")
     _unknown(sorted(set(mapping.values())), tgt_names, "target")
     label_space = [n for n in tgt_names if n in set(mapping.values())]
+    if len(label_space) < 2:
+        raise ValueError(
+            f"the class mapping reaches only {label_space}; a classifier needs at least 2 target classes"
+        )
     ys2, keep_s = relabel(ys, src_names, label_space, mapping)
     yt2, keep_t = relabel(yt, tgt_names, label_space, {n: n for n in label_space})
     train_x, train_y = xs[keep_s], ys2[keep_s]
