@@ -248,3 +248,9 @@ def test_entry_point_validation_runs_before_anything_is_submitted(tmp_path, caps
     captured = capsys.readouterr()
     assert "error: invalid arguments for dinov2:strict: unknown key 'optim.epoch'" in captured.err
     assert captured.out == "" and seen == [True]  # no script printed for invalid arguments
+
+
+def test_stop_signal_comes_before_the_time_limit():
+    # 120 s of warning for a normal job; a 1-minute job gets it half-way, not at its start
+    assert sbatch_parameters(_parse("--output-dir", "/o", "--timeout", "90"), "x")["signal_delay_s"] == 120
+    assert sbatch_parameters(_parse("--output-dir", "/o", "--timeout", "1"), "x")["signal_delay_s"] == 30
