@@ -6,10 +6,11 @@ Two families live here.
   `make_classification_train_transform`, `make_classification_eval_transform`): torchvision
   pipelines on PIL images, used by evaluation code.
 * Fast kernels used by `dinov2.data.augmentations.DataAugmentationDINO`. They work on float32
-  CHW tensors in [0, 1] (or uint8 for cropping) and compute exactly what
-  `torchvision.transforms.v2.functional` computes for float tensors, with fewer passes over memory:
-  one interpolation call per crop, a separable Gaussian blur, a hue rotation without building an
-  HSV image, and normalisation as a single multiply-add. Functions ending in `_` work in place.
+  CHW tensors in [0, 1] (or uint8 for cropping) and compute what `torchvision.transforms.v2.functional`
+  computes for float tensors (equal up to float rounding; tests check it), with fewer and cheaper
+  passes over memory: one uint8 interpolation call per crop, a separable Gaussian blur, a hue rotation
+  without building an HSV image and without comparisons (slow on CPU), and normalisation as a single
+  multiply-add. Functions ending in `_` work in place.
 """
 
 import math
@@ -42,7 +43,7 @@ HED_FROM_RGB_STAINS = (
 # white (OD 0) keeps its colour exactly, near-white glass (OD < 0.1) barely moves, the beige plasma
 # background of PBC smears (OD ~ 0.33) gets ~3/4 of the shift and cells (OD > 1) all of it.
 _STAIN_OD_HALF = 0.2
-# Smallest intensity used before the logarithm (ln(1/OD) would be infinite at 0).
+# Smallest intensity used before the logarithm (OD = -ln(I) is infinite at I = 0).
 _MIN_INTENSITY = 1.0 / 512.0
 
 
