@@ -2,7 +2,6 @@
 
 import itertools
 import math
-import random
 
 import numpy as np
 import PIL.Image
@@ -155,7 +154,9 @@ def test_full_scale_crop_equals_resized_image():
     # centre 120 x 160 box, as in torchvision.
     img = _cell_image(120, 200)
     recipe = _plain_recipe(64)
-    params = sample_crop_params(recipe, 120, 200, [random.random() for _ in range(UNIFORMS_PER_CROP)])
+    gen = torch.Generator().manual_seed(0)
+    uniforms = torch.rand(UNIFORMS_PER_CROP, generator=gen, dtype=torch.float64).tolist()
+    params = sample_crop_params(recipe, 120, 200, uniforms)
     assert params.box == (0, 20, 120, 160)
     out = _denormalize(apply_crop(T.pil_to_uint8_chw(img), recipe, params))
 
