@@ -1,0 +1,118 @@
+"""Decode one image file fully into an 8-bit RGB PIL image, or say precisely why it cannot be.
+
+Microscopy folders hold more than plain RGB JPEGs: grayscale and 16-bit TIFFs, palette PNGs,
+RGBA exports, CMYK scans, photos with EXIF rotation. Those are valid and are converted here.
+Files that are empty, cut short, not images at all or absurdly large are *problems*: they raise
+`ImageDecodeError` whose `problem` is one of `PROBLEMS`, so the scanner can group them.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+PROBLEMS = ("zero_bytes", "truncated", "not_an_image", "unreadable_mode", "too_large", "unreadable")
+DEFAULT_MAX_PIXELS = 20_000 * 20_000  # far above any cell image; guards against decompression bombs
+WHITE = (255, 255, 255)
+
+
+class ImageDecodeError(ValueError):
+    """An image file that cannot be used; `problem` is one of `PROBLEMS`."""
+
+    def __init__(self, path: str | os.PathLike, problem: str, detail: str = ""):
+        if problem not in PROBLEMS:
+            raise ValueError(f"unknown problem {problem!r}; expected one of {PROBLEMS}")
+        self.path = str(path)
+        self.problem = problem
+        self.detail = detail
+        super().__init__(f"{self.path}: {problem}" + (f" ({detail})" if detail else ""))
+
+
+def _sixteen_bit_to_uint8(array: np.ndarray) -> np.ndarray:
+    """Map a 16-bit (or wider integer) array to 0..255: 65535 -> 255, 257 -> 1."""
+    array = array.astype(np.float64)
+    if array.max(initial=0) <= 255:  # 32-bit 'I' images that only hold 8-bit values
+        return np.clip(np.rint(array), 0, 255).astype(np.uint8)
+    return np.clip(np.rint(array / 257.0), 0, 255).astype(np.uint8)
+
+
+def _flatten_alpha(image: Image.Image) -> Image.Image:
+    """Composite an image with transparency over white (stained slides have a white background)."""
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, WHITE + (255,))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def to_rgb(image: Image.Image, path: str | os.PathLike = "<image>") -> Image.Image:
+    """Convert a decoded PIL image of any common mode to 8-bit RGB, honouring EXIF orientation."""
+    image = ImageOps.exif_transpose(image)
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("L", "1", "CMYK", "YCbCr", "LAB", "HSV"):
+        return image.convert("RGB")
+    if mode == "P":
+        if "transparency" in image.info:
+            return _flatten_alpha(image)
+        return image.convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        return _flatten_alpha(image)
+    if mode.startswith("I;16") or mode == "I":
+        gray = _sixteen_bit_to_uint8(np.asarray(image))
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        if array.max(initial=0) <= 1.0:  # float images are usually stored in [0, 1]
+            array = array * 255.0
+        gray = np.clip(np.rint(array), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    raise ImageDecodeError(path, "unreadable_mode", f"PIL mode {mode!r} has no RGB conversion")
+
+
+def decode_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open and fully decode `path` (every byte, not only the header) into an RGB image.
+
+    Raises:
+        ImageDecodeError: with `problem` in `PROBLEMS`.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise ImageDecodeError(path, "zero_bytes", "file is empty")
+    except FileNotFoundError as exc:
+        raise ImageDecodeError(path, "unreadable", "file not found") from exc
+    except PermissionError as exc:
+        raise ImageDecodeError(path, "unreadable", "permission denied") from exc
+    try:
+        with warnings.catch_warnings():
+            # PIL only warns between MAX_IMAGE_PIXELS and twice that; we want a clear problem.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                n_pixels = image.width * image.height
+                if n_pixels > max_pixels:
+                    raise ImageDecodeError(
+                        path, "too_large", f"{image.width}x{image.height} exceeds {max_pixels} pixels"
+                    )
+                image.load()
+                return to_rgb(image, path)
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(path, "too_large", str(exc)) from exc
+    except UnidentifiedImageError as exc:
+        raise ImageDecodeError(path, "not_an_image", "not a recognised image format") from exc
+    except PermissionError as exc:
+        raise ImageDecodeError(path, "unreadable", "permission denied") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        # PIL reports cut-off JPEG/PNG/TIFF data as OSError ("truncated", "broken data stream")
+        # or SyntaxError (bad PNG chunk); either way the pixel data is incomplete.
+        raise ImageDecodeError(path, "truncated", f"{type(exc).__name__}: {exc}") from exc
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """The image at `path` as RGB (see `decode_rgb`); the function every loader uses."""
+    return decode_rgb(path)
