@@ -32,10 +32,14 @@ class ImageDecodeError(ValueError):
         super().__init__(f"{self.path}: {problem}" + (f" ({detail})" if detail else ""))
 
 
-def _sixteen_bit_to_uint8(array: np.ndarray) -> np.ndarray:
-    """Map a 16-bit (or wider integer) array to 0..255: 65535 -> 255, 257 -> 1."""
+def _sixteen_bit_to_uint8(array: np.ndarray, known_16_bit: bool = False) -> np.ndarray:
+    """Map a 16-bit (or wider integer) array to 0..255: 65535 -> 255, 257 -> 1.
+
+    `known_16_bit` is set for the 'I;16*' modes: their range is 0..65535 however dark the image,
+    so a dim 16-bit frame (all values <= 255) must not be read as 8-bit values.
+    """
     array = array.astype(np.float64)
-    if array.max(initial=0) <= 255:  # 32-bit 'I' images that only hold 8-bit values
+    if not known_16_bit and array.max(initial=0) <= 255:  # 32-bit 'I' images that only hold 8-bit values
         return np.clip(np.rint(array), 0, 255).astype(np.uint8)
     return np.clip(np.rint(array / 257.0), 0, 255).astype(np.uint8)
 
@@ -62,7 +66,7 @@ def to_rgb(image: Image.Image, path: str | os.PathLike = "<image>") -> Image.Ima
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         return _flatten_alpha(image)
     if mode.startswith("I;16") or mode == "I":
-        gray = _sixteen_bit_to_uint8(np.asarray(image))
+        gray = _sixteen_bit_to_uint8(np.asarray(image), known_16_bit=mode.startswith("I;16"))
         return Image.fromarray(gray, mode="L").convert("RGB")
     if mode == "F":
         array = np.asarray(image, dtype=np.float64)
