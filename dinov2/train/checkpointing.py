@@ -143,13 +143,21 @@ def restore_rng_state(state: dict) -> None:
 
 
 def export_teacher(
-    teacher_state_dict: dict[str, torch.Tensor], output_dir: str | Path, iteration: int
+    teacher_state_dict: dict[str, torch.Tensor],
+    output_dir: str | Path,
+    iteration: int,
+    student_cfg: Any = None,
 ) -> Path:
     """Write <output_dir>/eval/<iteration>/teacher_checkpoint.pth as {"teacher": state dict} (Meta's format).
 
     `teacher_state_dict` is the teacher ModuleDict's state dict ("backbone.*", "dino_head.*", ...),
     exactly what Meta's DINOv2 writes, so its eval tools and ours load it with checkpoint_key="teacher".
+    With `student_cfg` (cfg.student), a "config": {"student": {...}} entry records the settings that
+    cannot be read off the weights (interpolation, heads); loaders that only read "teacher" ignore it.
     """
     path = Path(output_dir) / "eval" / str(iteration) / "teacher_checkpoint.pth"
     cpu_state = {k: v.detach().to("cpu", copy=True) for k, v in teacher_state_dict.items()}
-    return atomic_torch_save({"teacher": cpu_state}, path)
+    content: dict[str, Any] = {"teacher": cpu_state}
+    if student_cfg is not None:
+        content["config"] = {"student": {k: student_cfg[k] for k in student_cfg}}
+    return atomic_torch_save(content, path)

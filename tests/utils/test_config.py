@@ -228,3 +228,13 @@ def test_top_level_configs_are_valid(repo_root, dirs):
             weights.write_bytes(b"")
             extra = [f"student.pretrained_weights={weights}"]
         build_config(path, [f"train.dataset_path={data}", *extra], out)
+
+
+def test_pbc_config_is_the_tiny_config(repo_root, dirs):
+    data, out = dirs
+    tiny = OmegaConf.to_container(build_config("train/vit_tiny_cpu", [f"train.dataset_path={data}"], out))
+    pbc = OmegaConf.to_container(build_config(repo_root / "configs" / "pbc_vit_tiny_cpu.yaml",
+                                              [f"train.dataset_path={data}"], out))  # fmt: skip
+    assert pbc["optim"].pop("epochs") == 5
+    tiny["optim"].pop("epochs")
+    assert pbc == tiny

@@ -1,0 +1,497 @@
+"""DINOv2 pretraining entry point: one process, torchrun, or the SLURM launcher.
+
+    python dinov2/train/train.py --config-file F --output-dir D [key=value ...]
+    torchrun --standalone --nproc_per_node=N dinov2/train/train.py --config-file F --output-dir D
+    dinov2-train --config-file F --output-dir D [--no-resume]
+
+A run resumes automatically from the newest valid checkpoint in <output_dir>/checkpoints/ (model,
+optimizer, EMA teacher, loss centers, iteration, per-rank RNG states, sampler position, grad scaler),
+so a killed run restarted with the same command continues exactly where its last checkpoint left off.
+Outputs in <output_dir>: config.yaml, training_metrics.jsonl, training_log.txt, tensorboard/,
+checkpoints/model_<iteration:07d>.pth and eval/<iteration>/teacher_checkpoint.pth.
+"""
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:
+    # Run as a script (python/torchrun dinov2/train/train.py): import the package from the repository
+    # root, not from this folder, whose module names must not shadow anything.
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parents[1]))
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from functools import partial  # noqa: E402
+
+import torch  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+from torch.distributed.checkpoint.state_dict import (  # noqa: E402
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+
+from dinov2.data.augmentations import DataAugmentationDINO  # noqa: E402
+from dinov2.data.collate import collate_data_and_cast  # noqa: E402
+from dinov2.data.loaders import make_data_loader, make_train_dataset  # noqa: E402
+from dinov2.data.masking import MaskingGenerator  # noqa: E402
+from dinov2.data.samplers import ShardedInfiniteSampler  # noqa: E402
+from dinov2.models.vision_transformer import ARCHS, DinoVisionTransformer  # noqa: E402
+from dinov2.train import checkpointing  # noqa: E402
+from dinov2.train.collapse import collapse_metrics, collapse_warnings  # noqa: E402
+from dinov2.train.distributed_wrap import (  # noqa: E402
+    GradientAverager,
+    apply_fsdp2,
+    broadcast_module_state_,
+    compile_backbones,
+)
+from dinov2.train.metrics_logger import MetricsLogger, peak_memory_mb  # noqa: E402
+from dinov2.train.online_knn import OnlineKNN  # noqa: E402
+from dinov2.train.preemption import PreemptionFlag  # noqa: E402
+from dinov2.train.schedules import apply_optim_scheduler, build_schedulers  # noqa: E402
+from dinov2.train.ssl_meta_arch import SSLMetaArch  # noqa: E402
+from dinov2.utils import distributed  # noqa: E402
+from dinov2.utils.config import ConfigError, setup_config  # noqa: E402
+from dinov2.utils.logging import remove_handlers, setup_logging  # noqa: E402
+
+logger = logging.getLogger("dinov2")
+
+
+@dataclass
+class TrainResult:
+    """How a call to `main` ended."""
+
+    status: str
+    """"completed" (reached the last iteration) or "preempted" (stopped on a signal, checkpoint saved)."""
+    iteration: int
+    """Iterations completed when it returned."""
+    output_dir: str = ""
+    """The run folder."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or infinite; the last finite state was saved before raising."""
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """The training CLI: --config-file, --output-dir, --no-resume and trailing key=value overrides."""
+    parser = argparse.ArgumentParser("dinov2-train", description=__doc__.split("\n\n")[0], add_help=add_help)
+    parser.add_argument("--config-file", default="", metavar="FILE",
+                        help="YAML merged over the defaults (a path or a packaged name)")  # fmt: skip
+    parser.add_argument("--output-dir", "--output_dir", default="", metavar="DIR",
+                        help="run folder (overrides train.output_dir)")  # fmt: skip
+    parser.add_argument("--no-resume", action="store_true",
+                        help="ignore existing checkpoints and start from iteration 0")  # fmt: skip
+    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
+                        help="config overrides, e.g. train.batch_size_per_gpu=32")  # fmt: skip
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------- setup
+def fix_random_seeds(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_data(cfg: DictConfig, info: distributed.DistributedInfo, start_position: int):
+    """(dataset, sampler, loader) for this rank, continuing the sample stream at `start_position`."""
+    augmentation = DataAugmentationDINO(
+        cfg.crops.global_crops_scale,
+        cfg.crops.local_crops_scale,
+        cfg.crops.local_crops_number,
+        global_crops_size=cfg.crops.global_crops_size,
+        local_crops_size=cfg.crops.local_crops_size,
+        stain_jitter=cfg.crops.stain_jitter,
+    )
+    dataset = make_train_dataset(cfg.train, augmentation)
+    grid = cfg.crops.global_crops_size // cfg.student.patch_size
+    collate = partial(
+        collate_data_and_cast,
+        mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
+        mask_probability=cfg.ibot.mask_sample_probability,
+        dtype=torch.float32,  # FSDP / autocast cast to the compute dtype on the device
+        n_tokens=grid * grid,
+        mask_generator=MaskingGenerator(input_size=(grid, grid), max_num_patches=int(0.5 * grid * grid)),
+    )
+    sampler = ShardedInfiniteSampler(
+        len(dataset),
+        cfg.train.batch_size_per_gpu,
+        world_size=info.world_size,
+        rank=info.rank,
+        seed=cfg.train.seed,
+        start_position=start_position,
+    )
+    loader = make_data_loader(
+        dataset,
+        sampler,
+        collate,
+        cfg.train.num_workers,
+        cfg.train.seed,
+        pin_memory=info.device.type == "cuda",
+    )
+    return dataset, sampler, loader
+
+
+def build_backbones(cfg: DictConfig) -> tuple[DinoVisionTransformer, DinoVisionTransformer] | None:
+    """(student, teacher) backbones when cfg.student overrides embed_dim / depth / num_heads of its
+    arch (small CPU models), else None so that SSLMetaArch builds cfg.student.arch as DINOv2 does."""
+    s = cfg.student
+    if s.embed_dim is None and s.depth is None and s.num_heads is None:
+        return None
+    with torch.device("meta"):  # only to read the arch's sizes; allocates nothing
+        reference = ARCHS[s.arch](patch_size=s.patch_size, img_size=cfg.crops.global_crops_size)
+    kwargs = dict(
+        img_size=cfg.crops.global_crops_size,
+        patch_size=s.patch_size,
+        embed_dim=s.embed_dim or reference.embed_dim,
+        depth=s.depth or reference.n_blocks,
+        num_heads=s.num_heads or reference.num_heads,
+        init_values=s.layerscale,
+        ffn_layer=s.ffn_layer,
+        block_chunks=s.block_chunks,
+        qkv_bias=s.qkv_bias,
+        proj_bias=s.proj_bias,
+        ffn_bias=s.ffn_bias,
+        num_register_tokens=s.num_register_tokens,
+        interpolate_antialias=s.interpolate_antialias,
+        interpolate_offset=s.interpolate_offset,
+    )
+    teacher = DinoVisionTransformer(**kwargs)  # no stochastic depth in the teacher
+    student = DinoVisionTransformer(
+        **kwargs, drop_path_rate=s.drop_path_rate, drop_path_uniform=s.drop_path_uniform
+    )
+    return student, teacher
+
+
+def build_model(cfg: DictConfig, device: torch.device) -> SSLMetaArch:
+    """The SSLMetaArch of `cfg` on `device`, in train mode."""
+    model = SSLMetaArch(cfg, backbones=build_backbones(cfg)).to(device)
+    model.train()
+    return model
+
+
+# ------------------------------------------------------------------------------------------- state
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def training_state(model, optimizer, scaler, sampler, iteration, steps_done, cfg, rng_state=None) -> dict:
+    """The checkpoint dict (collective: every rank must call; only rank 0's result is complete)."""
+    model_state = get_model_state_dict(model, options=_FULL)
+    optim_state = get_optimizer_state_dict(model, optimizer, options=_FULL)
+    rng_states = distributed.all_gather_object(rng_state or checkpointing.capture_rng_state())
+    from omegaconf import OmegaConf
+
+    return {
+        "model": model_state,
+        "optimizer": optim_state,
+        "iteration": iteration,
+        "sampler": sampler.state_dict(steps_done),
+        "rng": rng_states,
+        "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None,
+        "world_size": distributed.get_global_size(),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+
+
+def save_training_checkpoint(state: dict, cfg: DictConfig) -> None:
+    """Rank 0 writes `state` atomically; everyone waits so no rank races ahead of a failed write."""
+    if distributed.is_main_process():
+        path = checkpointing.save_checkpoint(
+            state, Path(cfg.train.output_dir) / "checkpoints", keep=cfg.train.checkpoint_keep
+        )
+        logger.info("checkpoint saved: %s", path)
+    distributed.barrier()
+
+
+def export_teacher(model, cfg: DictConfig, iteration: int) -> None:
+    """eval/<iteration>/teacher_checkpoint.pth in Meta's format (collective for FSDP)."""
+    teacher_state = get_model_state_dict(model.teacher, options=_FULL)
+    if distributed.is_main_process():
+        path = checkpointing.export_teacher(teacher_state, cfg.train.output_dir, iteration, cfg.student)
+        logger.info("teacher exported: %s", path)
+    distributed.barrier()
+
+
+def discard_pending_center_updates(model: torch.nn.Module) -> None:
+    """Drop lazy center updates started by a step whose loss was not finite (they hold its NaNs)."""
+    for module in model.modules():
+        if getattr(module, "updated", True) is False and hasattr(module, "async_batch_center"):
+            handle = getattr(module, "reduce_handle", None)
+            if handle is not None:
+                handle.wait()
+                module.reduce_handle = None
+            module.updated = True
+
+
+def reduce_losses(loss_dict: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Mean over processes of each loss (one all_reduce); adds total_loss when absent."""
+    names = list(loss_dict)
+    values = torch.stack([loss_dict[k].detach().float().reshape(()) for k in names])
+    distributed.all_reduce_mean_(values)
+    out = dict(zip(names, values.tolist()))
+    if "total_loss" not in out:
+        out["total_loss"] = sum(out.values())
+    return out
+
+
+def optimizer_step(model, optimizer, scaler, averager, clip_grad: float) -> dict[str, torch.Tensor]:
+    """After backward: average gradients (ddp), unscale (fp16), clip each student part, step.
+
+    Returns the pre-clipping gradient norm of each student part (`grad_norm_<part>`).
+    """
+    if averager is not None:
+        averager()
+    if scaler.is_enabled():
+        scaler.unscale_(optimizer)
+    grad_norms = {}
+    if clip_grad > 0:
+        # Per part, as DINOv2 does: a large head gradient must not shrink the backbone's.
+        for name, part in model.student.items():
+            params = [p for p in part.parameters() if p.grad is not None]
+            if params:
+                grad_norms[f"grad_norm_{name}"] = torch.nn.utils.clip_grad_norm_(params, clip_grad)
+    if scaler.is_enabled():
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return grad_norms
+
+
+# ------------------------------------------------------------------------------------------ monitors
+@torch.no_grad()
+def teacher_collapse_metrics(model, images: torch.Tensor, teacher_temp: float, cfg: DictConfig) -> dict:
+    """Collapse metrics of the teacher on one batch of global crops (collective with Sinkhorn-Knopp)."""
+    cls = model.teacher["backbone"](images)
+    logits = model.teacher["dino_head"](cls)
+    if cfg.train.centering == "sinkhorn_knopp":
+        probs = model.dino_loss.sinkhorn_knopp_teacher(logits, teacher_temp)
+    else:
+        probs = model.dino_loss.softmax_center_teacher(logits, teacher_temp)
+    return collapse_metrics(probs.float(), cls.float())
+
+
+# ---------------------------------------------------------------------------------------------- main
+def do_train(
+    cfg: DictConfig, model: SSLMetaArch, info: distributed.DistributedInfo, resume: bool
+) -> TrainResult:
+    """The training loop: schedules, steps, logs, checkpoints and monitors."""
+    output_dir = Path(cfg.train.output_dir)
+    device = info.device
+    epoch_len = cfg.train.OFFICIAL_EPOCH_LENGTH
+    total_iters = cfg.optim.epochs * epoch_len
+    end_iter = min(total_iters, cfg.train.max_iterations or total_iters)
+
+    # Resume (full state, loaded before sharding so every process starts from the same weights).
+    checkpoint = None
+    if resume:
+        found = checkpointing.load_latest_valid(output_dir / "checkpoints")
+        if found is not None:
+            checkpoint, path = found
+            logger.info("resuming from %s (iteration %d)", path, checkpoint["iteration"])
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+    else:
+        broadcast_module_state_(model)
+    start_iter = checkpoint["iteration"] if checkpoint is not None else 0
+
+    if cfg.train.distributed == "fsdp" and info.world_size > 1:
+        apply_fsdp2(model, cfg.compute_precision)
+        model.autocast_dtype = None  # FSDP2's MixedPrecisionPolicy casts instead
+    if cfg.train.compile:
+        compile_backbones(model)
+    warmup_iters = cfg.student.head_warmup_iterations
+    if warmup_iters and not cfg.student.pretrained_weights:
+        logger.warning(
+            "student.head_warmup_iterations=%d freezes a randomly initialised backbone "
+            "(it is meant for continued pretraining with student.pretrained_weights)",
+            warmup_iters,
+        )
+    optimizer = torch.optim.AdamW(
+        model.get_params_groups(), betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2)
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=model_uses_fp16(cfg) and device.type == "cuda")
+    if checkpoint is not None:
+        set_optimizer_state_dict(model, optimizer, checkpoint["optimizer"], options=_FULL_LOAD)
+        if checkpoint.get("grad_scaler") and scaler.is_enabled():
+            scaler.load_state_dict(checkpoint["grad_scaler"])
+    averager = GradientAverager(model.student.parameters()) if cfg.train.distributed == "ddp" else None
+    schedules = build_schedulers(cfg, info.world_size)
+
+    start_position = checkpoint["sampler"]["position"] if checkpoint is not None else 0
+    dataset, sampler, loader = build_data(cfg, info, start_position)
+    if checkpoint is not None:
+        sampler.load_state_dict(checkpoint["sampler"])
+        restore_rank_rng(checkpoint, info, cfg)
+    del checkpoint
+
+    knn = None
+    if cfg.evaluation.knn_period_iterations > 0:
+        knn = OnlineKNN(cfg.evaluation.knn_dataset_path, cfg.crops.global_crops_size,
+                        cfg.evaluation.knn_max_images, seed=cfg.train.seed)  # fmt: skip
+    metrics_log = MetricsLogger(output_dir, end_iter, enabled=distributed.is_main_process())
+    global_batch = sampler.global_batch_size
+    logger.info("training %d -> %d of %d iterations, %d images per iteration, %d training images",
+                start_iter, end_iter, total_iters, global_batch, len(dataset))  # fmt: skip
+
+    flag = PreemptionFlag()
+    it = start_iter
+    frozen = None
+    window = {"iter_time": 0.0, "data_time": 0.0, "n": 0}
+    try:
+        data_iter = iter(loader)
+        while it < end_iter:
+            if flag.should_stop():
+                state = training_state(model, optimizer, scaler, sampler, it, it - start_iter, cfg)
+                save_training_checkpoint(state, cfg)
+                logger.warning("preempted at iteration %d: checkpoint saved, exiting", it)
+                return TrainResult("preempted", it, str(output_dir))
+            if frozen != (it < warmup_iters):
+                frozen = it < warmup_iters
+                model.freeze_backbone(frozen)
+                logger.info("student backbone %s at iteration %d", "frozen" if frozen else "trainable", it)
+
+            rng_before = checkpointing.capture_rng_state()
+            t0 = time.perf_counter()
+            data = next(data_iter)
+            t_data = time.perf_counter() - t0
+
+            teacher_temp = schedules.teacher_temp[it]
+            apply_optim_scheduler(optimizer, schedules.lr[it], schedules.wd[it], schedules.last_layer_lr[it])
+            optimizer.zero_grad(set_to_none=True)
+            loss_dict = model.forward_backward(data, teacher_temp=teacher_temp, grad_scaler=scaler)
+            losses = reduce_losses(loss_dict)
+            bad = [k for k, v in losses.items() if not math.isfinite(v)]
+            if bad:
+                discard_pending_center_updates(model)
+                optimizer.zero_grad(set_to_none=True)
+                state = training_state(
+                    model, optimizer, scaler, sampler, it, it - start_iter, cfg, rng_before
+                )
+                save_training_checkpoint(state, cfg)
+                terms = ", ".join(f"{k}={losses[k]}" for k in bad)
+                saved = output_dir / "checkpoints" / checkpointing.checkpoint_name(it)
+                raise NonFiniteLossError(
+                    f"non-finite loss at iteration {it}: {terms}; the last finite state (before this "
+                    f"iteration) was saved to {saved}"
+                )
+            grad_norms = optimizer_step(model, optimizer, scaler, averager, cfg.optim.clip_grad)
+            model.update_teacher(schedules.momentum[it])
+            it += 1
+
+            window["iter_time"] += time.perf_counter() - t0
+            window["data_time"] += t_data
+            window["n"] += 1
+            extra = {}
+            period = cfg.train.collapse_check_period_iterations
+            if period > 0 and it % period == 0:
+                extra = teacher_collapse_metrics(
+                    model, data["collated_global_crops"].to(device), teacher_temp, cfg
+                )
+                # Not during the lr warm-up: at initialisation LayerScale (1e-5) makes every image's
+                # embedding nearly the same, which is not collapse.
+                if distributed.is_main_process() and it > cfg.optim.warmup_epochs * epoch_len:
+                    for reason in collapse_warnings(extra):
+                        logger.warning("possible collapse at iteration %d: %s", it, reason)
+            if knn is not None and it % cfg.evaluation.knn_period_iterations == 0:
+                extra.update(knn.evaluate(model.teacher["backbone"], device))
+            if it % cfg.train.log_period_iterations == 0 or it == end_iter or extra:
+                n = window["n"]
+                iter_time = window["iter_time"] / n
+                record = {
+                    "epoch": it / epoch_len,
+                    **losses,
+                    "lr": schedules.lr[it - 1],
+                    "wd": schedules.wd[it - 1],
+                    "momentum": schedules.momentum[it - 1],
+                    "teacher_temp": teacher_temp,
+                    "last_layer_lr": schedules.last_layer_lr[it - 1],
+                    **{k: float(v) for k, v in grad_norms.items()},
+                    **extra,
+                    "iter_time": iter_time,
+                    "data_time": window["data_time"] / n,
+                    "images_per_second": global_batch / iter_time,
+                    "peak_memory_mb": peak_memory_mb(device),
+                }
+                metrics_log.log(it, record, seconds_per_iteration=iter_time)
+                window = {"iter_time": 0.0, "data_time": 0.0, "n": 0}
+            if cfg.evaluation.eval_period_iterations > 0 and it % cfg.evaluation.eval_period_iterations == 0:
+                export_teacher(model, cfg, it)
+            if it % cfg.train.checkpoint_period_iterations == 0 or it == end_iter:
+                state = training_state(model, optimizer, scaler, sampler, it, it - start_iter, cfg)
+                save_training_checkpoint(state, cfg)
+        if not (output_dir / "eval" / str(it) / "teacher_checkpoint.pth").is_file():
+            export_teacher(model, cfg, it)  # the final teacher is always exported
+        if it == start_iter:
+            logger.info("nothing to do: the checkpoint is already at the last iteration (%d)", it)
+        logger.info("training completed at iteration %d", it)
+        return TrainResult("completed", it, str(output_dir))
+    finally:
+        flag.uninstall()
+        metrics_log.close()
+
+
+_FULL_LOAD = StateDictOptions(full_state_dict=True)
+
+
+def model_uses_fp16(cfg: DictConfig) -> bool:
+    """True when any student part computes in fp16 (loss scaling is then needed)."""
+    return cfg.compute_precision.grad_scaler and any(
+        part.mixed_precision.param_dtype == "fp16" for part in cfg.compute_precision.student.values()
+    )
+
+
+def restore_rank_rng(checkpoint: dict, info: distributed.DistributedInfo, cfg: DictConfig) -> None:
+    """Restore this rank's RNG states; with another world size, reseed from (seed, rank, iteration)."""
+    states = checkpoint.get("rng") or []
+    if len(states) == info.world_size:
+        checkpointing.restore_rng_state(states[info.rank])
+        return
+    logger.warning(
+        "checkpoint was written by %d processes, this run has %d: data order continues exactly, "
+        "but stochastic depth and other model randomness are reseeded",
+        len(states),
+        info.world_size,
+    )
+    fix_random_seeds(cfg.train.seed + 1_000_003 * (info.rank + 1) + checkpoint["iteration"])
+
+
+def main(args: argparse.Namespace | list[str] | None = None) -> TrainResult:
+    """Train from parsed args, a list of CLI strings, or sys.argv (None: the console script)."""
+    from_cli = args is None
+    if args is None or isinstance(args, list | tuple):
+        args = get_args_parser().parse_args(args)
+    info = distributed.enable()
+    handlers = setup_logging(None, info.rank)
+    try:
+        try:
+            cfg = setup_config(args)
+        except (ConfigError, FileNotFoundError) as e:
+            if from_cli:
+                logger.error("%s", e)
+                raise SystemExit(2) from None
+            raise
+        remove_handlers(handlers)
+        handlers = setup_logging(cfg.train.output_dir, info.rank)
+        fix_random_seeds(cfg.train.seed + info.rank)
+        model = build_model(cfg, info.device)
+        return do_train(cfg, model, info, resume=not args.no_resume)
+    finally:
+        remove_handlers(handlers)
+
+
+if __name__ == "__main__":
+    result = main()
+    sys.exit(0)

@@ -1,0 +1,91 @@
+"""Per-sample seeded loading (dinov2/data/loaders.py): batches depend only on (seed, stream position),
+not on the number of workers, restarts or the caller's RNG, and the caller's RNG is left untouched."""
+
+import random
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from dinov2.data.loaders import SeededCollate, SeededSampleDataset, derive_seed, make_data_loader, seeded_rngs
+from dinov2.data.samplers import ShardedInfiniteSampler
+
+
+class RandomTransformDataset(Dataset):
+    """Item i = (i, draws from python, numpy and torch global RNGs), like a random augmentation."""
+
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, i):
+        return torch.tensor([float(i), random.random(), float(np.random.rand()), torch.rand(()).item()])
+
+
+def collate_with_random_mask(samples):
+    # Like collate_data_and_cast, draws masks from python's RNG.
+    return {"x": torch.stack(samples), "mask": torch.tensor([random.random() for _ in samples])}
+
+
+def _batches(num_workers, start_position=0, n=5, world_size=1, rank=0, batch_size=4):
+    sampler = ShardedInfiniteSampler(10, batch_size, world_size, rank, seed=7, start_position=start_position)
+    loader = make_data_loader(
+        RandomTransformDataset(), sampler, collate_with_random_mask, num_workers, seed=7
+    )
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+def _equal(a, b):
+    return all(torch.equal(x["x"], y["x"]) and torch.equal(x["mask"], y["mask"]) for x, y in zip(a, b))
+
+
+def test_batches_do_not_depend_on_workers():
+    assert _equal(_batches(0), _batches(2))
+
+
+def test_restart_at_a_position_continues_the_same_batches():
+    full = _batches(0, n=5)
+    resumed = _batches(1, start_position=2 * 4, n=3)  # after 2 iterations of 4 samples
+    assert _equal(full[2:], resumed)
+
+
+def test_sample_augmentation_is_world_size_independent():
+    one = _batches(0, n=2, batch_size=4)
+    two = [_batches(0, n=2, world_size=2, rank=r, batch_size=2) for r in range(2)]
+    for it in range(2):
+        merged = torch.cat([two[0][it]["x"], two[1][it]["x"]])
+        assert torch.equal(merged, one[it]["x"])  # every sample's draws are the same
+
+
+def test_positions_give_distinct_draws_even_for_the_same_image():
+    batches = _batches(0, n=3)  # 12 positions over a 10-image dataset: images repeat
+    rows = torch.cat([b["x"] for b in batches])
+    assert len({tuple(r[1:].tolist()) for r in rows}) == len(rows)
+
+
+def test_main_process_loading_leaves_caller_rng_untouched():
+    torch.manual_seed(1), random.seed(1), np.random.seed(1)
+    expected = (torch.rand(2), random.random(), np.random.rand())
+    torch.manual_seed(1), random.seed(1), np.random.seed(1)
+    _batches(0, n=3)
+    assert torch.equal(torch.rand(2), expected[0])
+    assert random.random() == expected[1] and np.random.rand() == expected[2]
+
+
+def test_seeded_rngs_and_derive_seed():
+    assert derive_seed(0, "sample", 5) == derive_seed(0, "sample", 5)
+    assert len({derive_seed(0, "sample", p) for p in range(1000)}) == 1000
+    assert derive_seed(0, "sample", 5) != derive_seed(1, "sample", 5) != derive_seed(0, "batch", 5)
+    with seeded_rngs(123):
+        a = (torch.rand(3), random.random(), np.random.rand())
+    with seeded_rngs(123):
+        b = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
+
+
+def test_wrappers_pass_values_through():
+    ds = SeededSampleDataset(RandomTransformDataset(), seed=0)
+    sample, position = ds[(3, 17)]
+    assert position == 17 and sample[0].item() == 3.0
+    batch = SeededCollate(collate_with_random_mask, seed=0)([(sample, 17), (sample, 18)])
+    assert batch["x"].shape == (2, 4)
