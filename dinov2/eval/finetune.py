@@ -67,7 +67,7 @@ from dinov2.eval.metrics import classification_metrics
 MODES = ("linear", "finetune")
 BALANCE_OPTIONS = ("none", "weighted-loss", "sampler")
 # Config fields that may change between a run and its resumption (they do not change the result).
-RESUME_FREE_FIELDS = ("output_dir", "device", "num_workers", "progress", "resume", "data")
+RESUME_FREE_FIELDS = ("output_dir", "device", "num_workers", "progress", "resume")
 
 
 @dataclass

@@ -60,36 +60,25 @@ class Prediction:
         return sorted(self.probabilities.items(), key=lambda kv: -kv[1])[:k]
 
 
-def _image_extensions() -> tuple[str, ...]:
-    from dinov2.data.datasets import custom_image_datasets
-
-    return tuple(e.lower() for e in custom_image_datasets.IMG_EXTENSIONS)
-
-
 def expand_inputs(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
     """Files to predict: files as given, folders searched recursively for image files.
 
-    Folder contents are sorted; hidden files and folders (name starting with ".") are skipped and
-    only the dataset's image extensions count. An explicitly named file is kept whatever its
+    Folders are searched with the datasets' own `find_images` (sorted; hidden files and folders
+    skipped; only `IMAGE_EXTENSIONS`, any case). An explicitly named file is kept whatever its
     extension (the user asked for it; if it is not an image, its row reports the error).
 
     Raises:
         FileNotFoundError: an input path does not exist.
     """
+    from dinov2.data.datasets import find_images
+
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
-    extensions = _image_extensions()
     files: list[str] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            for root, dirs, names in os.walk(path, followlinks=True):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                files += [
-                    os.path.join(root, n)
-                    for n in sorted(names)
-                    if not n.startswith(".") and n.lower().endswith(extensions)
-                ]
+            files += find_images(path)
         elif path.exists():
             files.append(str(path))
         else:
