@@ -34,6 +34,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
+from fractions import Fraction
 from pathlib import Path
 
 SPLIT_NAMES = ("TRN", "VAL", "TST")
@@ -42,15 +43,19 @@ LINK_MODES = ("symlink", "copy")
 
 
 def largest_remainder_counts(n: int, ratios: Sequence[float]) -> list[int]:
-    """Integer counts summing to ``n`` that follow ``ratios`` (which sum to 1) as closely as possible.
+    """Integer counts summing to ``n`` that follow ``ratios`` as closely as possible.
 
     Each count is ``floor(n * r_i)`` plus one for the ``n - sum(floors)`` entries with the largest
-    fractional parts ``n * r_i - floor(n * r_i)``; equal fractions go to the earlier entry.
+    fractional parts ``n * r_i - floor(n * r_i)``; equal fractions go to the earlier entry. The
+    arithmetic is exact on the ratios as written (``0.7`` is 7/10, not its binary approximation,
+    normalised to sum to 1), so ties such as 1218 * (0.7, 0.2) -> 852.6 / 243.6 really tie.
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    quotas = [n * r for r in ratios]
-    counts = [math.floor(q + 1e-9) for q in quotas]  # 1e-9: 0.7 * 10 is 6.999999999999999
+    exact = [Fraction(repr(float(r))) for r in ratios]
+    total = sum(exact)
+    quotas = [n * r / total for r in exact]
+    counts = [math.floor(q) for q in quotas]
     leftover = n - sum(counts)
     by_remainder = sorted(range(len(ratios)), key=lambda i: (-(quotas[i] - counts[i]), i))
     for i in by_remainder[:leftover]:

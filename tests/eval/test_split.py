@@ -66,11 +66,16 @@ def src(tmp_path) -> Path:
 
 def test_largest_remainder_hand_examples():
     assert largest_remainder_counts(10, (0.7, 0.2, 0.1)) == [7, 2, 1]
-    # quotas 1.4 / 0.4 / 0.2 -> floors 1/0/0, the one left over goes to the largest remainder (VAL)
-    assert largest_remainder_counts(2, (0.7, 0.2, 0.1)) == [1, 1, 0]
+    # quotas 1.4 / 0.4 / 0.2 -> floors 1/0/0; the one left over: TRN and VAL tie at .4 -> TRN
+    assert largest_remainder_counts(2, (0.7, 0.2, 0.1)) == [2, 0, 0]
+    # quotas 1.8 / 0.6 / 0.6 -> floors 1/0/0; two left: TRN (.8), then VAL (.6, earlier than TST)
+    assert largest_remainder_counts(3, (0.6, 0.2, 0.2)) == [2, 1, 0]
     # quotas 3.5 / 1.0 / 0.5 -> floors 3/1/0; remainders tie at 0.5 -> earlier split (TRN) wins
     assert largest_remainder_counts(5, (0.7, 0.2, 0.1)) == [4, 1, 0]
     assert largest_remainder_counts(3, (1 / 3, 1 / 3, 1 / 3)) == [1, 1, 1]
+    # 852.6 / 243.6 / 121.8: floors leave 2; TST (.8) first, then TRN and VAL tie at .6 -> TRN
+    # (in binary floating point 1218 * 0.2 > 243.6 > 1218 * 0.7 - 852, which must not decide it)
+    assert largest_remainder_counts(1218, (0.7, 0.2, 0.1)) == [853, 243, 122]
     assert largest_remainder_counts(0, (0.7, 0.2, 0.1)) == [0, 0, 0]
 
 
