@@ -11,9 +11,10 @@ replaced by another sample, until too many fail.
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -75,9 +76,11 @@ def keep_subset(paths: list[str], fraction: float, seed: int, root: str) -> list
 
 
 def _as_list(value: Any, n: int, name: str) -> list[float]:
-    if isinstance(value, int | float):
+    if isinstance(value, numbers.Real):  # also numpy scalars, which are not `float`
         values = [float(value)] * n
     else:
+        if isinstance(value, str) or not isinstance(value, Iterable):
+            raise ValueError(f"{name} must be a number or a list with one number per root, got {value!r}")
         values = [float(v) for v in value]
         if len(values) != n:
             raise ValueError(f"{name} has {len(values)} values but there are {n} dataset roots")
@@ -130,12 +133,16 @@ class CellImageDataset(Dataset):
         self.target_transform = target_transform
         self.max_failed_fraction = float(max_failed_fraction)
 
-        per_root = [self._discover(r) for r in roots]
+        discovered = [self._discover(r) for r in roots]
+        per_root = discovered
         if check_corrupted:
             per_root = self._drop_corrupted(per_root, scan_workers)
         per_root = [keep_subset(p, f, seed, r) for p, f, r in zip(per_root, fractions, roots)]
 
-        layouts = [all(class_of(r, p) is not None for p in paths) for r, paths in zip(roots, per_root)]
+        # Layout and classes come from the folders as found, before ignoring or dropping files, so a
+        # class whose few images are all ignored or broken keeps its index (train and eval datasets
+        # over the same tree must agree on class_to_idx).
+        layouts = [all(class_of(r, p) is not None for p in paths) for r, paths in zip(roots, discovered)]
         if labeled is None:
             labeled = all(layouts)
         elif labeled and not all(layouts):
@@ -146,7 +153,7 @@ class CellImageDataset(Dataset):
             )
         self.labeled = bool(labeled)
         if self.labeled:
-            self.classes = sorted({class_of(r, p) for r, paths in zip(roots, per_root) for p in paths})
+            self.classes = sorted({class_of(r, p) for r, paths in zip(roots, discovered) for p in paths})
         else:
             self.classes = []
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
