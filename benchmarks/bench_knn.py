@@ -2,8 +2,8 @@
 
 Prints the time of `knn_predict` for ks (1, 20) at the full size (default 100k x 100k x 384, CPU,
 2 threads), and, as the named baseline, scikit-learn's KNeighborsClassifier(metric="cosine",
-algorithm="brute") next to ours on a smaller size (default 20k x 20k) where sklearn finishes in
-reasonable time. The full similarity matrix is never materialised (100k x 100k float32 = 40 GB).
+algorithm="brute") next to ours on a smaller size where sklearn finishes in reasonable time
+(default 10k x 10k). The full similarity matrix is never materialised (100k x 100k float32 = 40 GB).
 
     .venv/bin/python benchmarks/bench_knn.py                       # defaults above
     .venv/bin/python benchmarks/bench_knn.py --n 20000 --baseline-n 5000 --threads 1
@@ -26,7 +26,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch / BLAS threads")
     p.add_argument("--chunk-size", type=int, default=1024)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--baseline-n", type=int, default=20_000, help="size of the sklearn comparison (0: skip)")
+    p.add_argument("--baseline-n", type=int, default=10_000, help="size of the sklearn comparison (0: skip)")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import numpy as np

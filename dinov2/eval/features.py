@@ -182,6 +182,36 @@ class Preprocessing:
             std=self.std,
         )
 
+    def crop(self):
+        """The geometric part only: PIL RGB -> resized, centre-cropped PIL image [S, S]."""
+        from torchvision import transforms
+
+        return transforms.Compose(
+            [
+                transforms.Resize(
+                    self.resize_size or self.image_size,
+                    interpolation=transforms.InterpolationMode(self.interpolation),
+                ),
+                transforms.CenterCrop(self.image_size),
+            ]
+        )
+
+    def normalize_batch(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 batch [B, S, S, 3] (channels last) -> normalised float [B, 3, S, S].
+
+        Same arithmetic as ``transform()`` (x / 255, then (x - mean) / std), done once per batch
+        on the model's device instead of once per image on the loading thread.
+        """
+        x = images.permute(0, 3, 1, 2).float().div_(255.0)
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return x.sub_(mean).div_(std)
+
+
+def image_to_uint8_hwc(image) -> torch.Tensor:
+    """PIL RGB image -> uint8 tensor [H, W, 3] (no float work per image)."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))
+
 
 # --------------------------------------------------------------------------------------------
 # Backbones
@@ -315,22 +345,49 @@ def _all_gather_rows(local: torch.Tensor, n: int, world: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def _open_dataset(roots: Sequence[str], labeled: bool | None, transform):
+class _EvalImages(torch.utils.data.Dataset):
+    """``(uint8 [S, S, 3], 1)`` for each listed sample, or ``(zeros, 0)`` when it cannot be decoded.
+
+    CellImageDataset's ``__getitem__`` replaces a broken file by the next sample (right for
+    training); for evaluation that would attach another image's features to this label, so
+    broken files are flagged here and dropped from the result instead.
+    """
+
+    def __init__(self, dataset, indices: Sequence[int], transform, image_size: int):
+        self.dataset, self.indices, self.transform, self.size = dataset, list(indices), transform, image_size
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, j: int) -> tuple[torch.Tensor, int]:
+        from dinov2.data.image_io import ImageDecodeError
+
+        try:
+            return image_to_uint8_hwc(self.transform(self.dataset.load_image(self.indices[j]))), 1
+        except ImageDecodeError as e:
+            logger.warning("feature extraction skips an undecodable image: %s", e)
+            return torch.zeros(self.size, self.size, 3, dtype=torch.uint8), 0
+
+
+def _open_dataset(roots: Sequence[str], labeled: bool | None):
+    """The CellImageDataset of ``roots``; with ``labeled=True`` an unlabeled layout is an error."""
     from dinov2.data.datasets import CellImageDataset
 
     for r in roots:
-        if not Path(r).is_dir():
+        if not Path(r).exists():
             raise FileNotFoundError(f"data folder not found: {r}")
-    try:
-        return CellImageDataset(
-            list(roots) if len(roots) > 1 else roots[0], transform=transform, labeled=labeled
+        if not Path(r).is_dir():
+            raise ValueError(f"data folder expected, got a file: {r}")
+    # Auto-detect, then check here, so the message says why labels are needed.
+    dataset = CellImageDataset(
+        list(roots) if len(roots) > 1 else roots[0], labeled=None if labeled else False
+    )
+    if labeled and (not dataset.classes or any(t < 0 for t in dataset.targets)):
+        raise ValueError(
+            f"{', '.join(roots)} is not a labeled dataset, and this evaluation needs labels: give a folder "
+            "holding one sub-folder of images per class (e.g. data/neutrophil/*.jpg, data/platelet/*.jpg)"
         )
-    except ValueError as e:
-        if labeled:
-            raise ValueError(
-                f"{e} -- this evaluation needs labels: give a folder with one sub-folder of images per class"
-            ) from e
-        raise
+    return dataset
 
 
 def subsample_per_class(targets: Sequence[int], max_per_class: int | None, seed: int = 0) -> np.ndarray:
@@ -428,13 +485,14 @@ def extract_features(
         raise ValueError("no data folder given")
     dev = _resolve_device(device)
     model_sig = backbone_signature(backbone, seed)
-    dataset = _open_dataset(roots, labeled, prep.transform())
+    dataset = _open_dataset(roots, labeled)
     targets = list(dataset.targets)
     keep = subsample_per_class(targets, max_images_per_class, seed) if max_images_per_class else None
     order = np.arange(len(targets)) if keep is None else keep
     if len(order) == 0:
         raise ValueError(f"no images found under {roots}")
-    paths = [dataset.paths[i] for i in order]
+    all_paths = dataset.paths  # a property that builds the list: read it once
+    paths = [all_paths[i] for i in order]
     is_baseline = isinstance(backbone, str) and is_baseline_spec(backbone)
     key_parts = {
         "version": CACHE_VERSION,
@@ -460,40 +518,45 @@ def extract_features(
     from dinov2.utils.distributed import get_global_rank, get_global_size
 
     rank, world = get_global_rank(), get_global_size()
-    local = order[shard_indices(len(order), rank, world)]
+    # Fewer images than ranks: every rank extracts them all (tiny), no gather needed.
+    sharded = world > 1 and len(order) >= world
+    local = order[shard_indices(len(order), rank, world)] if sharded else order
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(dataset, local.tolist()),
+        _EvalImages(dataset, local.tolist(), prep.crop(), image_size),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
         pin_memory=dev.type == "cuda",
     )
     start = time.perf_counter()
-    chunks = []
+    chunks, flags = [], []
     with torch.inference_mode():
-        for images, _ in tqdm(loader, desc="features", disable=not progress or rank != 0, unit="batch"):
-            images = images.to(dev, non_blocking=True)
+        for images, ok in tqdm(loader, desc="features", disable=not progress or rank != 0, unit="batch"):
+            images = prep.normalize_batch(images.to(dev, non_blocking=True))
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
                 feats = pool_tokens(model, images, pooling, n_last_blocks)
             chunks.append(feats.float())
-    local_feats = torch.cat(chunks) if chunks else torch.zeros(0, 0, device=dev)
-    if world > 1:
-        features = _all_gather_rows(local_feats, len(order), world).cpu().numpy()
-    else:
-        features = local_feats.cpu().numpy()
+            flags.append(ok.to(dev))
+    local_feats, local_ok = torch.cat(chunks), torch.cat(flags).float()
+    if sharded:
+        local_feats = _all_gather_rows(local_feats, len(order), world)
+        local_ok = _all_gather_rows(local_ok[:, None], len(order), world)[:, 0]
+    features = local_feats.cpu().numpy()
+    decoded = local_ok.cpu().numpy() > 0.5
     seconds = time.perf_counter() - start
     labels = np.asarray(targets, dtype=np.int64)[order]
     if labeled is False:
         labels = np.full(len(order), -1, dtype=np.int64)
+    skipped = [p for p, ok in zip(paths, decoded) if not ok]
+    if len(skipped) == len(paths):
+        raise ValueError(f"none of the {len(paths)} images under {roots} could be decoded")
     fs = FeatureSet(
-        features=features,
-        labels=labels,
+        features=features[decoded],
+        labels=labels[decoded],
         class_names=list(dataset.classes),
-        paths=paths,
+        paths=[p for p, ok in zip(paths, decoded) if ok],
         meta={
-            "backbone": model_sig
-            if not isinstance(backbone, nn.Module)
-            else {"module": type(backbone).__name__},
+            "backbone": model_sig,
             "backbone_spec": os.fspath(backbone) if not isinstance(backbone, nn.Module) else None,
             "data_roots": [str(Path(r).resolve()) for r in roots],
             "preprocessing": asdict(prep),
@@ -505,6 +568,7 @@ def extract_features(
             "world_size": world,
             "seconds": round(seconds, 3),
             "images_per_second": round(len(order) / seconds, 2) if seconds > 0 else None,
+            "skipped_undecodable": skipped,
         },
     )
     if cache_path is not None and rank == 0:

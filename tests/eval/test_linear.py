@@ -68,7 +68,7 @@ def test_logreg_inner_cv_prefers_smaller_c_on_ties():
     [
         TorchLinearConfig(epochs=80, lrs=(1e-2, 1e-1), weight_decays=(0.0, 1e-3), device="cpu"),
         TorchLinearConfig(
-            epochs=40, batch_size=64, optimizer="sgd", lrs=(0.05,), weight_decays=(0.0,), device="cpu"
+            epochs=20, batch_size=64, optimizer="sgd", lrs=(0.05,), weight_decays=(0.0,), device="cpu"
         ),
     ],
     ids=["adamw-fullbatch", "sgd-minibatch"],
