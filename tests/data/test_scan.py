@@ -220,8 +220,10 @@ def test_rescan_uses_the_cache_and_decodes_nothing(tree, counter):
     first = scan.scan_images(root, workers=1, progress=False)
     assert sorted(counter.paths) == sorted(valid + list(broken))  # every file decoded once
     counter.paths.clear()
+    inode = scan.cache_file(root).stat().st_ino
     second = scan.scan_images(root, workers=1, progress=False)
     assert counter.paths == []
+    assert scan.cache_file(root).stat().st_ino == inode  # nothing changed, so nothing rewritten
     assert second.n_cached == second.n_files == 12
     assert (second.ok, second.problems, second.hidden) == (first.ok, first.problems, first.hidden)
 
