@@ -474,21 +474,30 @@ def quarantine(
 ) -> list[tuple[str, str]]:
     """Move every broken file of `report` below `destination`, keeping its path relative to its root.
 
-    Returns (source, target) pairs. Folders that could not be listed are left where they are. The
-    moved files are dropped from their root's scan cache.
+    Returns (source, target) pairs. Folders that could not be listed are left where they are; a
+    file that cannot be moved (permissions) stays too, with a warning. The moved files are dropped
+    from the scan cache of every root they were found under (roots may be nested).
     """
     moved: list[tuple[str, str]] = []
     forgotten: dict[str, list[str]] = {}
-    for path in report.broken_paths():
-        if not os.path.lexists(path) or os.path.isdir(path):
-            continue
-        root = report.root_of(path)
-        relative = os.path.relpath(path, root)
-        target = move_no_overwrite(path, Path(destination) / relative)
-        moved.append((path, str(target)))
-        forgotten.setdefault(root, []).append(relative)
-    for root, relatives in forgotten.items():
-        forget_in_cache(root, relatives, cache_dir)
+    try:
+        for path in report.broken_paths():
+            if not os.path.lexists(path) or os.path.isdir(path):
+                continue
+            relative = os.path.relpath(path, report.root_of(path))
+            try:
+                target = move_no_overwrite(path, Path(destination) / relative)
+            except OSError as exc:
+                logger.warning("could not quarantine %s (%s); it stays where it is", path, exc)
+                continue
+            moved.append((path, str(target)))
+            for root in report.roots:
+                below = _relative_below(os.path.abspath(path), os.path.abspath(root))
+                if below is not None:
+                    forgotten.setdefault(root, []).append(below)
+    finally:
+        for root, relatives in forgotten.items():
+            forget_in_cache(root, relatives, cache_dir)
     return moved
 
 

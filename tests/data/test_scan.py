@@ -2,6 +2,7 @@
 the broken files, the CLI exit codes, and the real PBC folder (17,092 images and one stray file)."""
 
 import csv
+import errno
 import hashlib
 import json
 import logging
@@ -350,6 +351,21 @@ def test_quarantine_never_overwrites(tree, tmp_path):
     assert len(moved) == 4
 
 
+def test_quarantine_forgets_moved_files_in_every_enclosing_root(tree, tmp_path):
+    root, valid, broken = tree
+    inner = root / "blast"
+    report = scan.scan_images([inner, root], workers=0, progress=False)
+    assert report.n_files == 12  # files of the inner root are counted once
+    moved = dict(scan.quarantine(report, tmp_path / "q"))
+    # Relative to the first root that holds them: blast/empty.jpg -> q/empty.jpg, mono/x -> q/mono/x.
+    assert moved[str(inner / "empty.jpg")] == str(tmp_path / "q" / "empty.jpg")
+    assert moved[str(root / "mono" / "notes.jpg")] == str(tmp_path / "q" / "mono" / "notes.jpg")
+    inner_cache = json.loads(scan.cache_file(inner).read_text())["entries"]
+    outer_cache = json.loads(scan.cache_file(root).read_text())["entries"]
+    assert sorted(inner_cache) == ["UPPER.JPEG", "good.jpg", "gray.png"]
+    assert sorted(outer_cache) == sorted(os.path.relpath(p, root) for p in valid)
+
+
 def test_move_keeps_the_file_when_the_target_is_taken(tmp_path):
     src, dst = tmp_path / "a.jpg", tmp_path / "out" / "a.jpg"
     src.write_bytes(b"one")
@@ -403,3 +419,19 @@ def test_pbc_scan_and_checked_dataset(pbc_root, cache_in_tmp):
     assert report.n_broken == 0
     assert report.hidden == [str(pbc_root / "neutrophil" / ".DS_169665.jpg")]
     assert "skipped 1 hidden file(s)/folder(s)" in report.summary()
+
+
+def test_move_across_file_systems_copies_then_unlinks(tmp_path, monkeypatch):
+    def no_hard_links(*args, **kwargs):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(scan.os, "link", no_hard_links)
+    src, dst = tmp_path / "a.png", tmp_path / "q" / "a.png"
+    src.write_bytes(b"broken bytes")
+    os.utime(src, ns=(1_000_000_000, 2_000_000_000))
+    dst.parent.mkdir()
+    dst.write_bytes(b"already here")
+    assert scan.move_no_overwrite(src, dst) == tmp_path / "q" / "a_1.png"
+    assert not src.exists() and dst.read_bytes() == b"already here"
+    copied = tmp_path / "q" / "a_1.png"
+    assert copied.read_bytes() == b"broken bytes" and copied.stat().st_mtime_ns == 2_000_000_000
