@@ -20,6 +20,7 @@ runs: on a shared machine the best run is the least disturbed one.
 from __future__ import annotations
 
 import argparse
+import gc
 import multiprocessing as mp
 import os
 import resource
@@ -155,7 +156,7 @@ def start_peak(device: torch.device) -> int:
 
 
 def peak_memory(device: torch.device, rss0: int) -> int:
-    """Peak bytes of the window: CUDA allocator peak, or peak RSS growth over `rss0` on CPU."""
+    """Peak bytes of the window: CUDA allocator peak, or peak RSS over `rss0` on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return peak_rss_bytes() - rss0
@@ -166,16 +167,23 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_runs(fn: Callable[[], None], warmup: int, iters: int, device: torch.device) -> list[float]:
-    for _ in range(warmup):
-        fn()
+def time_interleaved(
+    runners: dict[str, Callable[[], None]], warmup: int, iters: int, device: torch.device
+) -> dict[str, list[float]]:
+    """Run every runner `warmup` times, then `iters` rounds of one timed run each, the order rotating
+    every round, so that load from other processes on a shared machine hits all of them alike."""
+    for fn in runners.values():
+        for _ in range(warmup):
+            fn()
     sync(device)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
+    names = list(runners)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(iters):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            t0 = time.perf_counter()
+            runners[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
     return times
 
 
@@ -204,95 +212,126 @@ def blockdiag_forward(model: DinoVisionTransformer, xs: list[torch.Tensor]) -> l
 
 
 # ------------------------------------------------------------------------------------ workers
-def run_case(case: str, args, queue) -> None:
-    """One measurement in a fresh process; puts a result dict on `queue`."""
+MODEL_CASES = ("ref", "ours", "compiled")
+MULTICROP_CASES = ("mc_separate", "mc_packed", "mc_blockdiag")
+
+
+def make_runners(args, device: torch.device, cases: list[str]) -> tuple[dict, dict, dict]:
+    """Callables for each case: (forward-only runners, forward+backward runners, info per case)."""
+    ours, ref = build_pair(args)
+    ours, ref = ours.to(device), ref.to(device)
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)  # noqa: E731
+    x = torch.randn(args.batch, 3, args.img, args.img, device=device)
+    g = torch.randn(2 * args.mc_images, 3, args.img, args.img, device=device)
+    local = torch.randn(8 * args.mc_images, 3, args.local_img, args.local_img, device=device)
+    compiled = torch.compile(ours) if "compiled" in cases else None
+    # model(x, is_training=True) is the call training makes, and the one torch.compile compiles.
+    calls = {
+        "ref": (ref, lambda: ref(x, is_training=True), args.batch),
+        "ours": (ours, lambda: ours(x, is_training=True), args.batch),
+        "compiled": (ours, lambda: compiled(x, is_training=True), args.batch),
+        "mc_separate": (
+            ours,
+            lambda: [ours.forward_features(g), ours.forward_features(local)],
+            10 * args.mc_images,
+        ),
+        "mc_packed": (
+            ours,
+            lambda: ours.forward_features_list([g, local], [None, None]),
+            10 * args.mc_images,
+        ),
+        "mc_blockdiag": (ours, lambda: blockdiag_forward(ours, [g, local]), 10 * args.mc_images),
+    }
+    fwd, fb, info = {}, {}, {}
+    for case in cases:
+        model, run, images = calls[case]
+
+        def forward(model=model, run=run):
+            model.eval()
+            with torch.no_grad(), autocast():
+                run()
+
+        def forward_backward(model=model, run=run):
+            model.train()
+            with autocast():
+                loss = loss_of(run())
+            loss.backward()
+            for p in model.parameters():
+                p.grad = None
+
+        fwd[case], fb[case], info[case] = forward, forward_backward, {"images": images}
+    # Every variant computes the same function: check it once.
+    with torch.no_grad():
+        ours.eval(), ref.eval()
+        if "ref" in cases:
+            a, b = ours(x, is_training=True), ref(x, is_training=True)
+            info["ref"]["max_abs_diff"] = (
+                (a["x_norm_patchtokens"] - b["x_norm_patchtokens"]).abs().max().item()
+            )
+        for case in ("mc_packed", "mc_blockdiag"):
+            if case in cases:
+                sep = calls["mc_separate"][1]()
+                got = calls[case][1]()
+                info[case]["max_abs_diff"] = max(
+                    (u["x_norm_patchtokens"] - v["x_norm_patchtokens"]).abs().max().item()
+                    for u, v in zip(got, sep)
+                )
+    return fwd, fb, info
+
+
+def timing_worker(args, cases: list[str], queue) -> None:
+    """All cases in one process, timed in interleaved rounds."""
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    ours, ref = build_pair(args)
-    dtype_ctx = (
-        (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
-        if args.bf16
-        else (lambda: torch.autocast(device.type, enabled=False))
-    )
-    result: dict = {"case": case}
-    if case.startswith("mc_"):
-        model = ours.to(device)
-        g = torch.randn(2 * args.mc_images, 3, args.img, args.img, device=device)
-        local = torch.randn(8 * args.mc_images, 3, args.local_img, args.local_img, device=device)
-        runners = {
-            "mc_packed": lambda: model.forward_features_list([g, local], [None, None]),
-            "mc_separate": lambda: [model.forward_features(g), model.forward_features(local)],
-            "mc_blockdiag": lambda: blockdiag_forward(model, [g, local]),
-        }
-        if case not in runners:
-            raise ValueError(case)
-        run = runners[case]
-        if case != "mc_separate":  # same results as separate calls
-            with torch.no_grad():
-                model.eval()
-                a, b = run(), runners["mc_separate"]()
-                result["max_abs_diff"] = max(
-                    (x["x_norm_patchtokens"] - y["x_norm_patchtokens"]).abs().max().item()
-                    for x, y in zip(a, b)
-                )
-        images = 10 * args.mc_images
-    else:
-        model = {"ours": ours, "ref": ref, "compiled": ours}[case].to(device)
-        if case == "compiled":
-            t0 = time.perf_counter()
-            model = torch.compile(model)
-        x = torch.randn(args.batch, 3, args.img, args.img, device=device)
-        # model(x, is_training=True) is the call training makes, and the one torch.compile compiles.
-        run = lambda: model(x, is_training=True)  # noqa: E731
-        images = args.batch
-        if case == "ref":
-            with torch.no_grad():
-                ours.eval()
-                a, b = ours.forward_features(x), ref.forward_features(x)
-                result["max_abs_diff"] = (
-                    (a["x_norm_patchtokens"] - b["x_norm_patchtokens"]).abs().max().item()
-                )
-    target = model if isinstance(model, nn.Module) else ours
-
-    def forward():
-        with torch.no_grad(), dtype_ctx():
-            run()
-
-    def forward_backward():
-        with dtype_ctx():
-            loss = loss_of(run())
-        loss.backward()
-        for p in target.parameters():
-            p.grad = None
-
-    target.eval()
-    if case == "compiled":
-        forward()
-        result["compile_s_fwd"] = time.perf_counter() - t0
-    rss0 = start_peak(device)
-    result["fwd"] = time_runs(forward, args.warmup, args.iters, device)
-    result["peak_fwd"] = peak_memory(device, rss0)
-    target.train()
-    if case == "compiled":
-        t1 = time.perf_counter()
-        forward_backward()
-        result["compile_s_fb"] = time.perf_counter() - t1
-    rss0 = start_peak(device)
-    result["fb"] = time_runs(forward_backward, args.warmup, args.iters, device)
-    result["peak_fb"] = peak_memory(device, rss0)
-    result["images"] = images
-    queue.put(result)
+    fwd, fb, info = make_runners(args, device, cases)
+    if "compiled" in cases:
+        t0 = time.perf_counter()
+        fwd["compiled"]()
+        info["compiled"]["compile_s_fwd"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        fb["compiled"]()
+        info["compiled"]["compile_s_fb"] = time.perf_counter() - t0
+    fwd_times = time_interleaved(fwd, args.warmup, args.iters, device)
+    fb_times = time_interleaved(fb, args.warmup, args.iters, device)
+    for case in cases:
+        info[case].update(fwd=fwd_times[case], fb=fb_times[case])
+    queue.put(info)
 
 
-def measure(case: str, args) -> dict:
+def memory_worker(args, case: str, queue) -> None:
+    """Peak memory of one case in a fresh process: growth over the RSS after building the model,
+    during one forward and one forward+backward (each after a warm-up run)."""
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    fwd, fb, _ = make_runners(args, device, [case])
+    gc.collect()
+    base = current_rss_bytes()
+    out = {}
+    for name, fn in (("peak_fwd", fwd[case]), ("peak_fb", fb[case])):
+        fn()  # warm-up (and compilation for the compiled case)
+        start_peak(device)
+        fn()
+        out[name] = peak_memory(device, base)
+    queue.put(out)
+
+
+def in_subprocess(target, *args):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=run_case, args=(case, args, queue))
+    proc = ctx.Process(target=target, args=(*args, queue))
     proc.start()
-    print(f"[{time.strftime('%H:%M:%S')}] measuring {case} ...", flush=True)
     result = queue.get()
     proc.join()
     return result
+
+
+def measure(args, cases: list[str]) -> dict:
+    print(f"[{time.strftime('%H:%M:%S')}] timing {', '.join(cases)} ...", flush=True)
+    res = in_subprocess(timing_worker, args, cases)
+    for case in cases:
+        print(f"[{time.strftime('%H:%M:%S')}] peak memory of {case} ...", flush=True)
+        res[case].update(in_subprocess(memory_worker, args, case))
+    return res
 
 
 def fmt(result: dict, key: str) -> str:
@@ -303,6 +342,10 @@ def fmt(result: dict, key: str) -> str:
 
 def mib(n: int) -> str:
     return f"{n / 2**20:8.1f} MiB"
+
+
+def ratio(base: dict, new: dict, key: str) -> float:
+    return min(base[key]) / min(new[key])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -328,6 +371,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--local-img", type=int, default=98)
     parser.add_argument("--skip-multicrop", action="store_true")
+    parser.add_argument("--skip-models", action="store_true", help="only the multi-crop comparison")
     args = parser.parse_args(argv)
     if args.img % args.patch or args.local_img % args.patch:
         parser.error(f"--img and --local-img must be multiples of --patch {args.patch}")
@@ -335,33 +379,33 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"backbone benchmark: {args.arch}/{args.patch} reg{args.registers} batch {args.batch} {args.img}px "
         f"device {args.device} threads {args.threads} bf16 {args.bf16} torch {torch.__version__} "
-        f"(cpus visible: {os.cpu_count()}; best of {args.iters} after {args.warmup} warm-up)"
+        f"(cpus visible: {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}; "
+        f"best of {args.iters} interleaved rounds after {args.warmup} warm-up)"
     )
-    cases = ["ref", "ours"] + (["compiled"] if args.compile else [])
-    res = {c: measure(c, args) for c in cases}
-    print(f"\nreference vs ours max |diff| of patch tokens: {res['ref']['max_abs_diff']:.2e}")
-    print(f"{'model':<22}{'forward':<44}{'forward+backward':<44}{'peak fwd':>12}{'peak f+b':>12}")
-    names = {"ref": "reference (explicit)", "ours": "ours (SDPA)", "compiled": "ours + torch.compile"}
-    for c in cases:
-        r = res[c]
-        peaks = f"{mib(r['peak_fwd']):>12}{mib(r['peak_fb']):>12}"
-        print(f"{names[c]:<22}{fmt(r, 'fwd'):<44}{fmt(r, 'fb'):<44}{peaks}")
-    base = res["ref"]
-    for c in cases[1:]:
-        r = res[c]
-        print(
-            f"speed-up of {names[c]} over reference: forward x{min(base['fwd']) / min(r['fwd']):.2f}, "
-            f"forward+backward x{min(base['fb']) / min(r['fb']):.2f}"
-        )
-    if args.compile:
-        r, o = res["compiled"], res["ours"]
-        print(
-            f"torch.compile over eager ours: forward x{min(o['fwd']) / min(r['fwd']):.2f} "
-            f"({100 * (1 - min(r['fwd']) / min(o['fwd'])):.0f} % less time), forward+backward "
-            f"x{min(o['fb']) / min(r['fb']):.2f} "
-            f"({100 * (1 - min(r['fb']) / min(o['fb'])):.0f} % less time); "
-            f"compile time {r['compile_s_fwd']:.0f} s (fwd) + {r['compile_s_fb']:.0f} s (f+b)"
-        )
+    if not args.skip_models:
+        cases = ["ref", "ours"] + (["compiled"] if args.compile else [])
+        res = measure(args, cases)
+        print(f"\nreference vs ours max |diff| of patch tokens: {res['ref']['max_abs_diff']:.2e}")
+        print(f"{'model':<22}{'forward':<44}{'forward+backward':<44}{'peak fwd':>12}{'peak f+b':>12}")
+        names = {"ref": "reference (explicit)", "ours": "ours (SDPA)", "compiled": "ours + torch.compile"}
+        for c in cases:
+            r = res[c]
+            peaks = f"{mib(r['peak_fwd']):>12}{mib(r['peak_fb']):>12}"
+            print(f"{names[c]:<22}{fmt(r, 'fwd'):<44}{fmt(r, 'fb'):<44}{peaks}")
+        for c in cases[1:]:
+            print(
+                f"speed-up of {names[c]} over reference: forward x{ratio(res['ref'], res[c], 'fwd'):.2f}, "
+                f"forward+backward x{ratio(res['ref'], res[c], 'fb'):.2f}"
+            )
+        if args.compile:
+            r, o = res["compiled"], res["ours"]
+            print(
+                f"torch.compile over eager ours: forward x{ratio(o, r, 'fwd'):.2f}, forward+backward "
+                f"x{ratio(o, r, 'fb'):.2f} (time saved: {100 * (1 - 1 / ratio(o, r, 'fb')):.0f} %); "
+                f"first calls incl. compilation {r['compile_s_fwd']:.0f} s (fwd) + "
+                f"{r['compile_s_fb']:.0f} s (f+b); "
+                "peak memory includes the compiled code"
+            )
     if args.skip_multicrop:
         return
     n = args.mc_images
@@ -370,21 +414,20 @@ def main(argv: list[str] | None = None) -> None:
         f"({2 * n * (1 + args.registers + (args.img // args.patch) ** 2)} + "
         f"{8 * n * (1 + args.registers + (args.local_img // args.patch) ** 2)} tokens)"
     )
-    mc = {c: measure(c, args) for c in ("mc_separate", "mc_packed", "mc_blockdiag")}
+    mc = measure(args, list(MULTICROP_CASES))
     labels = {
         "mc_separate": "one call per crop size",
         "mc_packed": "forward_features_list (packed)",
         "mc_blockdiag": "block-diagonal mask, 1 SDPA",
     }
+    print(f"{'variant':<32}{'forward':<44}{'forward+backward':<44}{'peak f+b':>12}")
     for c, r in mc.items():
         diff = f"  max|diff| {r['max_abs_diff']:.1e}" if "max_abs_diff" in r else ""
         print(f"{labels[c]:<32}{fmt(r, 'fwd'):<44}{fmt(r, 'fb'):<44}{mib(r['peak_fb']):>12}{diff}")
-    sep = mc["mc_separate"]
     for c in ("mc_packed", "mc_blockdiag"):
-        r = mc[c]
         print(
-            f"{labels[c]} vs separate: forward x{min(sep['fwd']) / min(r['fwd']):.2f}, "
-            f"forward+backward x{min(sep['fb']) / min(r['fb']):.2f}"
+            f"{labels[c]} vs separate: forward x{ratio(mc['mc_separate'], mc[c], 'fwd'):.2f}, "
+            f"forward+backward x{ratio(mc['mc_separate'], mc[c], 'fb'):.2f}"
         )
 
 

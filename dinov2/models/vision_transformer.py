@@ -269,37 +269,47 @@ class DinoVisionTransformer(nn.Module):
         return [b for chunk in self.blocks for b in chunk if not isinstance(b, nn.Identity)]
 
     # ----------------------------------------------------------------------------- tokens
+    def _pos_grid(self) -> tuple[int, int]:
+        """(rows, cols) of the learned position grid: the patch grid of img_size (square in every
+        DINOv2 model; a non-square img_size gives a non-square grid)."""
+        n = self.pos_embed.shape[1] - 1
+        grid = getattr(self.patch_embed, "patches_resolution", None)
+        if grid is not None and grid[0] * grid[1] == n:
+            return int(grid[0]), int(grid[1])
+        m = math.isqrt(n)
+        if m * m != n:
+            raise ValueError(f"pos_embed holds {n} patch positions, not a square grid; cannot interpolate")
+        return m, m
+
     def interpolate_pos_encoding(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """Position embeddings [1, 1+N', D] for tokens x [B, 1+N', D] of an h x w pixel image.
 
         The learned M x M grid is resampled bicubically to (h/p, w/p) like DINOv2: with an offset,
         F.interpolate gets scale_factor ((h/p + offset)/M, (w/p + offset)/M) (the output size is the
         floor, i.e. h/p x w/p, but the sampling positions use that scale); without one it gets
-        size=(h/p, w/p). Computed in float32, returned in x's dtype.
+        size=(h/p, w/p). At the training grid the learned table is returned as is. Computed in
+        float32, returned in x's dtype. (DINOv2 only handles square grids; a non-square one,
+        from a non-square img_size, is resampled per axis the same way.)
         """
         previous_dtype = x.dtype
-        npatch = x.shape[1] - 1
-        n = self.pos_embed.shape[1] - 1
-        if npatch == n and w == h:
+        h0 = h // self.patch_size
+        w0 = w // self.patch_size
+        gh, gw = self._pos_grid()
+        if (h0, w0) == (gh, gw):  # for square grids: DINOv2's `npatch == N and w == h`
             return self.pos_embed
         pos_embed = self.pos_embed.float()
         class_pos_embed = pos_embed[:, 0]
         patch_pos_embed = pos_embed[:, 1:]
         dim = x.shape[-1]
-        h0 = h // self.patch_size
-        w0 = w // self.patch_size
-        m = int(math.sqrt(n))
-        if m * m != n:
-            raise ValueError(f"pos_embed holds {n} patch positions, not a square grid; cannot interpolate")
         if self.interpolate_offset:
             # The offset only moves DINOv2's sampling positions; the floor gives (h0, w0).
             kwargs = {
-                "scale_factor": ((h0 + self.interpolate_offset) / m, (w0 + self.interpolate_offset) / m)
+                "scale_factor": ((h0 + self.interpolate_offset) / gh, (w0 + self.interpolate_offset) / gw)
             }
         else:
             kwargs = {"size": (h0, w0)}
         patch_pos_embed = F.interpolate(
-            patch_pos_embed.reshape(1, m, m, dim).permute(0, 3, 1, 2),
+            patch_pos_embed.reshape(1, gh, gw, dim).permute(0, 3, 1, 2),
             mode="bicubic",
             antialias=self.interpolate_antialias,
             **kwargs,

@@ -1,11 +1,13 @@
 """Behaviour of DinoVisionTransformer beyond the numerical contract: sizes, counts, init, layouts,
 masking invariants, multi-crop packing, errors and mixed precision."""
 
+from functools import partial
+
 import pytest
 import torch
 from torch import nn
 
-from dinov2.layers import DropPath, MemEffAttention, NestedTensorBlock, SwiGLUFFNFused
+from dinov2.layers import Attention, Block, DropPath, MemEffAttention, NestedTensorBlock, SwiGLUFFNFused
 from dinov2.models.vision_transformer import (
     RELEASED_BACKBONES,
     DinoVisionTransformer,
@@ -262,3 +264,39 @@ def test_bf16_autocast_close_to_fp32():
     torch.testing.assert_close(
         lows[0]["x_norm_clstoken"].float(), low["x_norm_clstoken"].float(), atol=0.05, rtol=0
     )
+
+
+def test_blocks_without_list_support_run_crops_one_by_one():
+    m = tiny(block_fn=partial(Block, attn_class=Attention), block_chunks=2)
+    xs = [torch.randn(2, 3, 56, 56), torch.randn(3, 3, 28, 28)]
+    with torch.no_grad():
+        outs = m.forward_features_list(xs, [None, None])
+        for x, out in zip(xs, outs):
+            torch.testing.assert_close(out["x_prenorm"], m.forward_features(x)["x_prenorm"])
+
+
+def test_fp16_autocast_runs_on_cpu():
+    m = tiny(embed_dim=64, num_heads=4)
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        ref = m(x)
+        with torch.autocast("cpu", dtype=torch.float16):
+            low = m(x)
+    assert torch.isfinite(low).all()
+    torch.testing.assert_close(low.float(), ref, atol=0.05, rtol=0)
+
+
+def test_non_square_training_grid():
+    """DINOv2 only supports square grids; a non-square img_size is used as is at its own size and
+    resampled per axis elsewhere (its rows follow image rows)."""
+    m = tiny(img_size=(28, 56))  # 2 x 4 learned grid
+    tokens = torch.zeros(1, 1 + 8, 32)
+    assert m.interpolate_pos_encoding(tokens, 28, 56) is m.pos_embed
+    with torch.no_grad():
+        m.pos_embed[0, 1:] = torch.arange(4.0).repeat(2)[:, None]  # value = column index
+    pos = m.interpolate_pos_encoding(torch.zeros(1, 1 + 16, 32), 56, 56)
+    assert pos.shape == (1, 17, 32)
+    # every row of the 4 x 4 result is the same resampled column profile
+    grid = pos[0, 1:, 0].reshape(4, 4)
+    torch.testing.assert_close(grid, grid[:1].expand(4, 4))
+    assert m(torch.randn(1, 3, 42, 70)).shape == (1, 32)
