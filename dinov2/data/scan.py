@@ -79,7 +79,7 @@ class ScanReport:
     n_cached: int
     """Files whose result came from the cache instead of a decode."""
     hidden: list[str] = field(default_factory=list)
-    """Hidden files and folders below the roots, skipped by dataset discovery (not counted as broken)."""
+    """Hidden files and folders (ending in os.sep) below the roots, which dataset discovery skips."""
     roots: list[str] = field(default_factory=list)
     """The scanned roots, as given."""
 
