@@ -446,15 +446,17 @@ class DinoVisionTransformer(nn.Module):
 
 
 def _vit(embed_dim: int, depth: int, num_heads: int, patch_size: int, num_register_tokens: int, **kwargs):
-    kwargs.setdefault("mlp_ratio", 4)
-    return DinoVisionTransformer(
-        patch_size=patch_size,
-        embed_dim=embed_dim,
-        depth=depth,
-        num_heads=num_heads,
-        num_register_tokens=num_register_tokens,
-        **kwargs,
-    )
+    """The named architecture; keyword arguments may still override any constructor argument."""
+    params = {
+        "patch_size": patch_size,
+        "embed_dim": embed_dim,
+        "depth": depth,
+        "num_heads": num_heads,
+        "mlp_ratio": 4,
+        "num_register_tokens": num_register_tokens,
+    }
+    params.update(kwargs)
+    return DinoVisionTransformer(**params)
 
 
 def vit_small(patch_size: int = 16, num_register_tokens: int = 0, **kwargs) -> DinoVisionTransformer:

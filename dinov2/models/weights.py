@@ -92,43 +92,61 @@ def _is_tensor_dict(obj: Any) -> bool:
     )
 
 
-def _select(obj: Any, checkpoint_key: str | None) -> Mapping:
-    """The state dict inside a checkpoint: obj[key] or obj["model"][key], else auto-detected
-    (a flat state dict, then "teacher", "model" -> "teacher", "model", "state_dict")."""
+def _select(obj: Any, checkpoint_key: str | None) -> tuple[Mapping, bool]:
+    """The state dict inside a checkpoint and whether it is a flat dict still holding several
+    networks under "<name>." prefixes (an SSLMetaArch state dict: "student.*", "teacher.*").
+
+    With a key: obj[key], obj["model"][key], else the flat obj["model"] / obj (its "<key>." keys are
+    taken later). Without: a flat state dict, then "teacher", "model" -> "teacher", "model",
+    "state_dict".
+    """
     if not isinstance(obj, Mapping):
         raise ValueError(f"expected a checkpoint dict, got {type(obj).__name__}")
+    model = obj.get("model")
     if checkpoint_key is not None:
         if checkpoint_key in obj:
-            return obj[checkpoint_key]
-        model = obj.get("model")
+            return obj[checkpoint_key], False
         if isinstance(model, Mapping) and checkpoint_key in model:
-            return model[checkpoint_key]
+            return model[checkpoint_key], False
+        for flat in (model, obj):
+            if _is_tensor_dict(flat):
+                return flat, True
         raise ValueError(
             f"checkpoint has no entry {checkpoint_key!r}; its top-level keys are {sorted(obj)[:20]}"
         )
     if _is_tensor_dict(obj):
-        return obj
+        return obj, True
     for first, second in (("teacher", None), ("model", "teacher"), ("model", None), ("state_dict", None)):
         sub = obj.get(first)
         if second is not None:
             sub = sub.get(second) if isinstance(sub, Mapping) else None
         if _is_tensor_dict(sub):
-            return sub
+            return sub, second is None
     raise ValueError(
         f"no state dict found in checkpoint (top-level keys {sorted(obj)[:20]}); pass checkpoint_key"
     )
 
 
 def extract_backbone_state_dict(obj: Any, checkpoint_key: str | None = None) -> dict[str, torch.Tensor]:
-    """Backbone tensors from a checkpoint's content, with wrapper prefixes (module., _orig_mod.)
-    removed and, when keys carry a `backbone.` prefix, only those keys kept (prefix stripped), so
-    heads stored beside the backbone are dropped."""
-    state_dict = _select(obj, checkpoint_key)
+    """Backbone tensors from a checkpoint's content.
+
+    Wrapper prefixes (module., _orig_mod., ...) are removed; in a flat training state dict the
+    "<checkpoint_key>." keys (default "teacher.", the EMA teacher) are taken; when keys carry a
+    `backbone.` prefix only those are kept (prefix stripped), so heads stored beside the backbone
+    are dropped.
+    """
+    state_dict, flat = _select(obj, checkpoint_key)
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"checkpoint entry {key!r} is a {type(value).__name__}, not a tensor")
         out[_WRAPPER_PREFIX.sub(r"\1", key)] = value
+    if flat:
+        prefix = f"{checkpoint_key or 'teacher'}."
+        if any(k.startswith(prefix) for k in out):
+            out = {k.removeprefix(prefix): v for k, v in out.items() if k.startswith(prefix)}
+        elif checkpoint_key is not None:
+            raise ValueError(f"checkpoint has no entry {checkpoint_key!r} (no keys starting with {prefix!r})")
     if any(k.startswith("backbone.") for k in out):
         out = {k.removeprefix("backbone."): v for k, v in out.items() if k.startswith("backbone.")}
     return out

@@ -76,6 +76,12 @@ def test_vit_constructors_shapes():
             )
 
 
+def test_named_constructors_accept_overrides():
+    with torch.device("meta"):
+        m = vit_small(patch_size=14, depth=2, embed_dim=64, num_heads=4, img_size=28)
+    assert (m.n_blocks, m.embed_dim, m.num_heads) == (2, 64, 4)
+
+
 def test_released_hyperparameters():
     assert set(RELEASED_BACKBONES) == {f"dinov2_vit{s}14{r}" for s in "sblg" for r in ("", "_reg")}
     with torch.device("meta"):

@@ -228,6 +228,32 @@ def test_training_checkpoint_teacher_is_loaded(tmp_path):
         load_pretrained_weights(target, path, checkpoint_key="ema")
 
 
+def test_ssl_meta_arch_state_dict_checkpoint(tmp_path):
+    """Our training checkpoints: "model" is the flat SSLMetaArch state dict ("student.*",
+    "teacher.*", loss centers); the teacher is the default, the student on request."""
+    student, teacher = small(), small()
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.mul_(-1.0)
+    model = {f"student.backbone.{k}": v for k, v in student.state_dict().items()}
+    model |= {f"teacher.backbone.{k}": v for k, v in teacher.state_dict().items()}
+    model |= {
+        "teacher.dino_head.last_layer.weight_g": torch.ones(8, 1),
+        "dino_loss.center": torch.zeros(1, 8),
+    }
+    path = tmp_path / "model_0000100.pth"
+    torch.save({"model": model, "optimizer": {"state": {}}, "iteration": 100}, path)
+    same_outputs(
+        load_backbone(path, num_heads=2, interpolate_offset=0.1, interpolate_antialias=False), teacher
+    )
+    for key, ref in (("teacher", teacher), ("student", student)):
+        target = small()
+        load_pretrained_weights(target, path, checkpoint_key=key)
+        same_outputs(target, ref)
+    with pytest.raises(ValueError, match="no entry 'ema'"):
+        load_pretrained_weights(small(), path, checkpoint_key="ema")
+
+
 def test_teacher_export_dict_and_compiled_prefix(tmp_path):
     teacher = small()
     path = tmp_path / "teacher_checkpoint.pth"
