@@ -41,24 +41,10 @@ from pathlib import Path
 import PIL
 from tqdm import tqdm
 
+from dinov2.data.files import IMAGE_EXTENSIONS, is_hidden
 from dinov2.data.image_io import DEFAULT_MAX_PIXELS, PROBLEMS, ImageDecodeError, decode_rgb
 
 logger = logging.getLogger("dinov2")
-
-# The discovery rules of dinov2.data.datasets.custom_image_datasets (find_images), repeated here
-# because importing that module imports torch (seconds) and this CLI and its spawned workers need
-# none of it. tests/data/test_scan.py checks both agree on a tree with every special case.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
-
-
-def is_hidden(name: str) -> bool:
-    """Dot-files and dot-folders (macOS `.DS_*`, `._*`, `.ipynb_checkpoints`) are never data."""
-    return name.startswith(".")
-
-
-def is_image_file(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS) and not is_hidden(name)
-
 
 OK = "ok"
 CACHE_FORMAT = "dinov2-scan-cache"

@@ -21,32 +21,12 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from dinov2.data.files import IMAGE_EXTENSIONS, find_images, is_hidden, is_image_file  # noqa: F401 (re-exported)
 from dinov2.data.image_io import ImageDecodeError, load_rgb
 
 logger = logging.getLogger("dinov2")
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 UNLABELED = -1
-
-
-def is_hidden(name: str) -> bool:
-    """Dot-files and dot-folders (macOS `.DS_*`, `._*`, `.ipynb_checkpoints`) are never data."""
-    return name.startswith(".")
-
-
-def is_image_file(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS) and not is_hidden(name)
-
-
-def find_images(root: str | os.PathLike) -> list[str]:
-    """Absolute-or-as-given paths of every image below `root`, sorted, hidden entries skipped."""
-    root = os.fspath(root)
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        # Pruning in place stops os.walk from descending into hidden folders.
-        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
-        found.extend(os.path.join(dirpath, f) for f in filenames if is_image_file(f))
-    return sorted(found)
 
 
 def class_of(root: str, path: str) -> str | None:
