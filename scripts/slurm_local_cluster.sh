@@ -136,9 +136,10 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 MpiDefault=none
+MailProg=/bin/true
 SchedulerType=sched/backfill
-# Start batch jobs right away instead of batching scheduling decisions.
-SchedulerParameters=batch_sched_delay=0
+# Start batch jobs right away, and look at pending (e.g. requeued) jobs every 2 s instead of 30-60 s.
+SchedulerParameters=batch_sched_delay=0,sched_interval=2,bf_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 ReturnToService=2
