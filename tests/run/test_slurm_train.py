@@ -31,7 +31,7 @@ def _argv(cluster, output_dir: Path, data: Path, max_iterations: int, *opts: str
         "--config-file", str(TINY_CONFIG), "--output-dir", str(output_dir), "--partition", cluster.partition,
         "--ngpus", "0", "--ntasks-per-node", "2", "--cpus-per-task", "1", "--timeout", "10",
         f"train.dataset_path={data}", f"train.max_iterations={max_iterations}", "train.batch_size_per_gpu=4",
-        "train.num_workers=0", "train.log_period_iterations=1", "evaluation.eval_period_iterations=1000",
+        "train.log_period_iterations=1", "evaluation.eval_period_iterations=1000",
         *opts,
     ]  # fmt: skip
 
@@ -49,7 +49,7 @@ def _checkpoint_iterations(output_dir: Path) -> list[int]:
 
 def test_two_task_cpu_job_trains_and_leaves_checkpoints_and_logs(slurm_cluster, cells, tmp_path, capsys):
     out = tmp_path / "run"
-    argv = _argv(slurm_cluster, out, cells, 4, "train.checkpoint_period_iterations=2")
+    argv = _argv(slurm_cluster, out, cells, 4, "train.checkpoint_period_iterations=2", "train.num_workers=0")
     assert submit_train_main(argv) == 0  # the console script dinov2-submit-train
     printed = capsys.readouterr().out
     job_id = printed.split("Submitted job ")[1].split()[0]
