@@ -2,15 +2,17 @@
 # Start, stop or inspect a throw-away single-node SLURM cluster on this machine, so the SLURM
 # launchers (dinov2/run/...) can be tried and tested without a real cluster.
 #
-# Usage (as root, or with sudo: slurmd must be root to start jobs as the submitting user):
-#   scripts/slurm_local_cluster.sh start     # install packages if missing, start munged/slurmctld/slurmd
-#   eval "$(scripts/slurm_local_cluster.sh env)"   # point sbatch/squeue/... and sacct at this cluster
+# Usage, from the repository root (start/stop need root: slurmd starts jobs as the submitting user):
+#   sudo scripts/slurm_local_cluster.sh start    # install packages if missing, start munged/slurmctld/slurmd
+#   eval "$(scripts/slurm_local_cluster.sh env)" # point sbatch/squeue/... and sacct at this cluster
+#   python -m dinov2.data.synthetic --out /tmp/dinov2-cells --per-class 20 --size 64
 #   python dinov2/run/train/train.py --config-file dinov2/configs/train/vit_tiny_cpu.yaml \
-#       --output-dir /tmp/dinov2-try --partition debug --ngpus 0 --ntasks-per-node 2 \
-#       train.dataset_path=/path/to/images
-#   squeue; ls /tmp/dinov2-try
+#       --output-dir /tmp/dinov2-try --partition debug --ngpus 0 --ntasks-per-node 2 --cpus-per-task 1 \
+#       train.dataset_path=/tmp/dinov2-cells train.max_iterations=20 train.batch_size_per_gpu=8
+#   squeue; tail -f /tmp/dinov2-try/<job id>/<job id>_0_log.out; ls /tmp/dinov2-try/checkpoints
 #   scripts/slurm_local_cluster.sh status
-#   scripts/slurm_local_cluster.sh stop      # cancel jobs, stop the daemons this script started
+#   sudo scripts/slurm_local_cluster.sh stop     # cancel jobs, stop the daemons this script started
+# Exit status: 0 ok, 1 error, 2 usage, 3 SLURM cannot be installed/started here (tests skip on 3).
 #
 # What it does:
 # - Installs the Debian/Ubuntu packages `slurmctld slurmd slurm-client munge` with apt-get when
