@@ -51,6 +51,7 @@ _LAZY = {
     "compute_attention_maps": "dinov2.eval.attention_maps",
     "plot_attention_grid": "dinov2.eval.attention_maps",
     "save_attention_grids": "dinov2.eval.attention_maps",
+    "sample_images_per_class": "dinov2.eval.selection",
 }
 
 __all__ = sorted(_LAZY)
