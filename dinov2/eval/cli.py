@@ -270,7 +270,7 @@ def cmd_cv(args) -> None:
     if args.n_boot:
         add_bootstrap(result, n_boot=args.n_boot, seed=args.seed)
     result.info["total_seconds"] = round(time.perf_counter() - t0, 2)
-    _finish(result, out, fs, args, caption=f"{args.folds}-fold CV, mean $\\pm$ std")
+    _finish(result, out, fs, args, caption=f"{args.folds}-fold CV: mean +/- std over folds")
 
 
 def cmd_holdout(args) -> None:
