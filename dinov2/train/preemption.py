@@ -1,7 +1,7 @@
 """Graceful stop on preemption and time limits: signal handlers that only raise a flag.
 
-SLURM announces the end of a job with a signal: submitit asks for SIGUSR2 some time before the time
-limit (`#SBATCH --signal=USR2@90`), preemption sends SIGTERM (and submitit's test helper
+SLURM announces the end of a job with a signal: the launcher asks for SIGUSR2 some time before the time
+limit (`#SBATCH --signal=USR2@120`), preemption sends SIGTERM (and submitit's test helper
 `job._interrupt()` sends SIGTERM then SIGUSR2), and `scancel` / `scontrol requeue` send SIGTERM
 before killing the job. Acting inside the handler (submitit's default: checkpoint and requeue at
 once) abandons the current step and everything since the last periodic checkpoint. Instead the
@@ -13,6 +13,10 @@ checkpoint-and-requeue on rank 0), so the requeued job resumes from that checkpo
 `should_stop()` is a collective when a torch.distributed process group is initialised: every rank
 must call it at the same step, and all ranks stop together as soon as any rank got a signal
 (signals reach ranks at slightly different times; stopping alone would hang the others).
+
+SLURM signals every process of the job, DataLoader workers included: workers must ignore SIGTERM
+and SIGUSR2 (a `worker_init_fn` setting SIG_IGN), or torch's worker SIGTERM handler kills them and
+the main process fails before it can save.
 
 Flags stack: a flag installed over another flag's handler forwards what it records to the outer
 one, so a launcher can install a flag around `train.main()`, which installs its own, and still learn
