@@ -16,7 +16,10 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 PROBLEMS = ("zero_bytes", "truncated", "not_an_image", "unreadable_mode", "too_large", "unreadable")
-DEFAULT_MAX_PIXELS = 20_000 * 20_000  # far above any cell image; guards against decompression bombs
+# Far above any cell image; guards against decompression bombs. PIL's own threshold
+# (Image.MAX_IMAGE_PIXELS, 89.5 MP unless a program changes it) also yields "too_large", so the
+# effective limit is the lower of the two: `max_pixels` can only tighten PIL's.
+DEFAULT_MAX_PIXELS = 20_000 * 20_000
 WHITE = (255, 255, 255)
 
 
@@ -32,15 +35,25 @@ class ImageDecodeError(ValueError):
         super().__init__(f"{self.path}: {problem}" + (f" ({detail})" if detail else ""))
 
 
-def _sixteen_bit_to_uint8(array: np.ndarray, known_16_bit: bool = False) -> np.ndarray:
-    """Map a 16-bit (or wider integer) array to 0..255: 65535 -> 255, 257 -> 1.
+def _sixteen_bit_to_uint8(array: np.ndarray, known_16_bit: bool, path: str | os.PathLike) -> np.ndarray:
+    """Map a 16-bit (or 32-bit integer) array to 0..255: 65535 -> 255, 257 -> 1, 128 -> 0.
 
     `known_16_bit` is set for the 'I;16*' modes: their range is 0..65535 however dark the image,
-    so a dim 16-bit frame (all values <= 255) must not be read as 8-bit values.
+    so a dim 16-bit frame (all values <= 255) must not be read as 8-bit values. Mode 'I' (32-bit)
+    says nothing about its range: values within 0..255 are taken as 8-bit, within 0..65535 as
+    16-bit, and anything else is refused ("unreadable_mode") rather than silently clipped.
     """
     array = array.astype(np.float64)
-    if not known_16_bit and array.max(initial=0) <= 255:  # 32-bit 'I' images that only hold 8-bit values
-        return np.clip(np.rint(array), 0, 255).astype(np.uint8)
+    low, high = array.min(initial=0), array.max(initial=0)
+    if not known_16_bit:
+        if low < 0 or high > 65535:
+            raise ImageDecodeError(
+                path,
+                "unreadable_mode",
+                f"32-bit integer image with values in [{low:g}, {high:g}]: scale unknown",
+            )
+        if high <= 255:  # 32-bit 'I' images that only hold 8-bit values
+            return np.rint(array).astype(np.uint8)
     return np.clip(np.rint(array / 257.0), 0, 255).astype(np.uint8)
 
 
@@ -53,7 +66,10 @@ def _flatten_alpha(image: Image.Image) -> Image.Image:
 
 def to_rgb(image: Image.Image, path: str | os.PathLike = "<image>") -> Image.Image:
     """Convert a decoded PIL image of any common mode to 8-bit RGB, honouring EXIF orientation."""
-    image = ImageOps.exif_transpose(image)
+    try:
+        image = ImageOps.exif_transpose(image)
+    except (ValueError, OSError, SyntaxError, KeyError, TypeError):
+        pass  # a damaged EXIF block does not make the pixels unusable; keep them as stored
     mode = image.mode
     if mode == "RGB":
         return image
@@ -66,14 +82,22 @@ def to_rgb(image: Image.Image, path: str | os.PathLike = "<image>") -> Image.Ima
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         return _flatten_alpha(image)
     if mode.startswith("I;16") or mode == "I":
-        gray = _sixteen_bit_to_uint8(np.asarray(image), known_16_bit=mode.startswith("I;16"))
+        gray = _sixteen_bit_to_uint8(np.asarray(image), mode.startswith("I;16"), path)
         return Image.fromarray(gray, mode="L").convert("RGB")
     if mode == "F":
+        # Float images carry no scale either: [0, 1] (the usual convention) or [0, 255] are
+        # unambiguous; anything else (negative, NaN, HDR values) is refused, never clipped.
         array = np.asarray(image, dtype=np.float64)
-        if array.max(initial=0) <= 1.0:  # float images are usually stored in [0, 1]
+        low, high = array.min(initial=0), array.max(initial=0)
+        if not np.isfinite(array).all() or low < 0 or high > 255:
+            raise ImageDecodeError(
+                path,
+                "unreadable_mode",
+                f"float image with values in [{low:g}, {high:g}]: expected [0, 1] or [0, 255]",
+            )
+        if high <= 1.0:
             array = array * 255.0
-        gray = np.clip(np.rint(array), 0, 255).astype(np.uint8)
-        return Image.fromarray(gray, mode="L").convert("RGB")
+        return Image.fromarray(np.rint(array).astype(np.uint8), mode="L").convert("RGB")
     raise ImageDecodeError(path, "unreadable_mode", f"PIL mode {mode!r} has no RGB conversion")
 
 
@@ -102,7 +126,16 @@ def decode_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
                         path, "too_large", f"{image.width}x{image.height} exceeds {max_pixels} pixels"
                     )
                 image.load()
-                return to_rgb(image, path)
+                decoded = image
+                # Converting is a separate step: its failures are about the mode, not the bytes.
+                try:
+                    return to_rgb(decoded, path)
+                except ImageDecodeError:
+                    raise
+                except (ValueError, OSError) as exc:
+                    raise ImageDecodeError(
+                        path, "unreadable_mode", f"mode {decoded.mode!r}: {type(exc).__name__}: {exc}"
+                    ) from exc
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

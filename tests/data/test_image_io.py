@@ -243,3 +243,79 @@ def test_exif_orientation_is_applied(tmp_path, orientation, where):
     x, y = where(*mark, w, h)
     np.testing.assert_array_equal(got[y, x], [255, 0, 0])
     assert got[..., 0].sum() == 255  # the mark is the only red pixel
+
+
+def test_float_image_in_unit_range_is_scaled_to_255(tmp_path):
+    values = np.array([[0.0, 0.5, 1.0, 0.25]], dtype=np.float32)
+    path = tmp_path / "float.tif"
+    Image.fromarray(values).save(path)
+    assert Image.open(path).mode == "F"
+    expected = np.rint(values * 255).astype(int)  # 0.5 -> 127.5 -> 128 (round half to even: 128)
+    np.testing.assert_array_equal(expected, [[0, 128, 255, 64]])
+    np.testing.assert_array_equal(pixels(path)[..., 0], expected)
+
+
+def test_32_bit_integer_image_holding_16_bit_values(tmp_path):
+    values = np.array([[0, 257, 65535, 1000]], dtype=np.int32)
+    path = tmp_path / "int32.tif"
+    Image.fromarray(values).save(path)
+    assert Image.open(path).mode == "I"
+    np.testing.assert_array_equal(pixels(path)[..., 1], [[0, 1, 255, 4]])  # v / 257 rounded: 3.89 -> 4
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.array([[0.0, 1000.0]], dtype=np.float32),  # float beyond [0, 255]: scale unknown
+        np.array([[-1.0, 0.5]], dtype=np.float32),
+        np.array([[0, 70_000]], dtype=np.int32),  # 32-bit integers beyond 16 bits
+    ],
+)
+def test_values_without_a_known_scale_are_unreadable_mode(tmp_path, array):
+    path = tmp_path / "odd.tif"
+    Image.fromarray(array).save(path)
+    with pytest.raises(ImageDecodeError) as info:
+        load_rgb(path)
+    assert info.value.problem == "unreadable_mode"
+    assert str(path) in str(info.value)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def test_decompression_bomb_header_is_too_large_without_decoding(tmp_path):
+    # A 69-byte PNG whose header claims 20000 x 20000 pixels (400 MP, over PIL's 2 x 89.5 MP bomb
+    # threshold): it must be refused from the header, before any pixel buffer is allocated.
+    import struct
+    import zlib
+
+    header = struct.pack(">IIBBBBB", 20_000, 20_000, 8, 2, 0, 0, 0)  # 8-bit RGB
+    data = (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(b"\x00"))
+        + _png_chunk(b"IEND", b"")
+    )
+    path = tmp_path / "bomb.png"
+    path.write_bytes(data)
+    with pytest.raises(ImageDecodeError) as info:
+        load_rgb(path)
+    assert info.value.problem == "too_large"
+    # Between PIL's warning and error thresholds (100 MP here) the warning is a problem too.
+    path2 = tmp_path / "bomb2.png"
+    path2.write_bytes(
+        data.replace(
+            _png_chunk(b"IHDR", header),
+            _png_chunk(
+                b"IHDR",
+                header.replace(struct.pack(">II", 20_000, 20_000), struct.pack(">II", 10_000, 10_000)),
+            ),
+        )
+    )
+    with pytest.raises(ImageDecodeError) as info:
+        load_rgb(path2)
+    assert info.value.problem == "too_large"
