@@ -288,3 +288,15 @@ def test_pbc_classes_and_counts(pbc_root):
     assert {ds.classes[t]: n for t, n in Counter(ds.targets).items()} == PBC_COUNTS
     assert len(ds) == sum(PBC_COUNTS.values()) == 17_092
     assert not any(Path(p).name.startswith(".") for p in ds.paths)  # the stray .DS_169665.jpg is skipped
+
+
+def test_corruption_check_removes_broken_files_from_the_same_kept_subset(tmp_path):
+    root = tmp_path / "r"
+    paths = flat_root(root, 20)
+    for i in (3, 11):
+        Path(paths[i]).write_bytes(b"")  # broken before the dataset is built
+    unchecked = CellImageDataset(root, ignore_fraction=0.5, seed=4)
+    checked = CellImageDataset(root, ignore_fraction=0.5, seed=4, check_corrupted=True, scan_workers=0)
+    assert len(unchecked) == 10  # floor(20 * 0.5) of all 20 files are ignored, broken or not
+    broken = {paths[3], paths[11]}
+    assert checked.paths == [p for p in unchecked.paths if p not in broken]

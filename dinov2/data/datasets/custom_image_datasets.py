@@ -78,8 +78,9 @@ class CellImageDataset(Dataset):
             (any case); hidden files and folders are skipped.
         transform: applied to the RGB PIL image.
         target_transform: applied to the integer target.
-        ignore_fraction: share of each root left out (one value, or one per root), chosen
-            reproducibly from `seed` and the root's path.
+        ignore_fraction: share of each root left out (one value, or one per root): floor(n * f)
+            of a root's n images, chosen reproducibly from `seed` and the root's path (before
+            the corruption check, so the check never changes which files are kept).
         seed: seed of the ignored subset.
         labeled: None detects class folders (labeled when every root holds its images in
             first-level class folders), True requires them, False ignores them (targets -1).
@@ -114,10 +115,12 @@ class CellImageDataset(Dataset):
         self.max_failed_fraction = float(max_failed_fraction)
 
         discovered = [self._discover(r) for r in roots]
-        per_root = discovered
+        # Ignoring comes first, so the kept subset of a root depends only on its files, the
+        # fraction and the seed: the corruption check then removes broken files from that same
+        # subset instead of reshuffling it.
+        per_root = [keep_subset(p, f, seed, r) for p, f, r in zip(discovered, fractions, roots)]
         if check_corrupted:
             per_root = self._drop_corrupted(per_root, scan_workers)
-        per_root = [keep_subset(p, f, seed, r) for p, f, r in zip(per_root, fractions, roots)]
 
         # Layout and classes come from the folders as found, before ignoring or dropping files, so a
         # class whose few images are all ignored or broken keeps its index (train and eval datasets
@@ -170,10 +173,12 @@ class CellImageDataset(Dataset):
 
     @property
     def paths(self) -> list[str]:
+        """The image paths, in sample order (a new list built from `samples` on each access)."""
         return [p for p, _ in self.samples]
 
     @property
     def targets(self) -> list[int]:
+        """The class index of each sample, -1 when unlabeled (a new list on each access)."""
         return [t for _, t in self.samples]
 
     def __len__(self) -> int:
