@@ -104,8 +104,8 @@ class FinetuneConfig:
     """Side of the square crop fed to the backbone (a multiple of its patch size)."""
     crop_pct: float = 1.0
     """Evaluation: resize the shorter side to ``image_size / crop_pct`` then centre-crop."""
-    crop_scale_min: float = 0.35
-    """Training: smallest area fraction of RandomResizedCrop."""
+    crop_scale_min: float = 0.8
+    """Training: smallest area fraction of RandomResizedCrop (high: cell size is a class cue)."""
     color_jitter: float = 0.1
     """Training: colour-jitter strength (0 disables)."""
     cache_features: bool = False
@@ -810,6 +810,18 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         type=float,
         default=defaults.crop_pct,
         help="evaluation centre crop share of the resized image (default: 1.0)",
+    )
+    p.add_argument(
+        "--crop-scale-min",
+        type=float,
+        default=defaults.crop_scale_min,
+        help=f"training: smallest area share of the random resized crop (default: {defaults.crop_scale_min})",
+    )
+    p.add_argument(
+        "--color-jitter",
+        type=float,
+        default=defaults.color_jitter,
+        help=f"training: colour-jitter strength, 0 disables (default: {defaults.color_jitter})",
     )
     p.add_argument(
         "--cache-features",
