@@ -8,8 +8,10 @@ written by `dinov2-split`, and a backbone (a checkpoint path or hub name, loaded
   earlier epoch), self-contained for `dinov2-infer` (see `dinov2.eval.classifier`).
 - ``last.pth``: model, optimiser, scheduler, epoch and history after every epoch; re-running with
   the same output folder resumes from it (``--no-resume`` starts over).
-- ``log.jsonl`` (one JSON object per epoch), ``learning_curves.png``, ``val_predictions.csv``
-  (validation predictions of the best epoch), ``config.json``.
+- ``log.jsonl`` (one JSON object per epoch: train/val loss, accuracy, balanced accuracy, the lr
+  after the epoch's last step, seconds), ``learning_curves.png``, ``val_predictions.csv``
+  (validation predictions of the best epoch), ``config.json``; with ``cache_features``,
+  ``feature_cache/`` (reused when the run resumes).
 - ``test/``: metrics, per-class report and confusion matrices of the best model on ``DATA/TST``.
 
 Modes: ``linear`` freezes the backbone (no gradients, eval mode) and trains only the head;
@@ -21,6 +23,11 @@ from ``(seed, epoch)`` at the start of every epoch, so a resumed run sees the sa
 augmentations as an uninterrupted one and, on CPU with deterministic kernels, ends with the same
 weights. Data-loader worker seeds derive from the loader generator, so this also holds with
 ``num_workers > 0``.
+
+Unreadable images: `CellImageDataset` replaces an image that fails to decode by the next sample
+(and stops past its ``max_failed_fraction``), so metrics stay consistent but that file's row in a
+predictions CSV shows its neighbour's output; split with ``dinov2-split --check-corrupted`` to leave
+such files out.
 
 Example::
 
@@ -507,8 +514,14 @@ def write_test_report(
 def _resume_state(path: Path, config: FinetuneConfig, classes: Sequence[str]) -> dict[str, Any] | None:
     if not (config.resume and path.is_file()):
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    saved = state["config"]
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        saved = state["config"]
+    except Exception as e:  # not ours, or from an incompatible version: never guess, never overwrite
+        raise ValueError(
+            f"cannot resume from {path} ({type(e).__name__}: {e}); "
+            "use another --output-dir or --no-resume to start over"
+        ) from e
     current = asdict(config)
     changed = [k for k in current if k not in RESUME_FREE_FIELDS and saved.get(k) != current[k]]
     if changed:

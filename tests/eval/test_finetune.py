@@ -277,6 +277,11 @@ def test_config_and_cli_errors(setup, tmp_path, capsys):
         train_classifier(config(data, backbone_path, tmp_path / "x", mode="finetune", cache_features=True))
     with pytest.raises(ValueError, match="multiple of the backbone's patch size"):
         train_classifier(config(data, backbone_path, tmp_path / "x", image_size=30))
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "last.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot resume"):
+        train_classifier(config(data, backbone_path, tmp_path / "junk"))
+    assert (tmp_path / "junk" / "last.pth").read_bytes() == b"not a checkpoint"  # never overwritten
     with pytest.raises(FileNotFoundError, match="TRN"):
         train_classifier(config(tmp_path / "nowhere", backbone_path, tmp_path / "x"))
     argv = [
