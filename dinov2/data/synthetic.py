@@ -17,6 +17,7 @@ CLI: `dinov2-synth --out DIR --per-class N --size S --seed K`.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import zlib
@@ -28,6 +29,10 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
+
+from dinov2.data.files import find_images
+
+logger = logging.getLogger("dinov2")
 
 PBC_CLASSES = (
     "basophil",
@@ -313,6 +318,18 @@ def generate_synthetic_cells(
         tmp = path.with_name(path.name + ".tmp")
         Image.fromarray(pixels).save(tmp, format="JPEG", quality=90)
         os.replace(tmp, path)  # an interrupted run never leaves a half-written JPEG
+    # Files are only ever (re)written, never deleted: images left by an earlier, larger run or put
+    # there by hand would silently unbalance the set, so say so.
+    extra = len(find_images(out)) - len(jobs)
+    if extra > 0:
+        logger.warning(
+            "%s holds %d image(s) besides the %d just generated; a dataset over it includes them "
+            "(generate into an empty folder for exactly %d per class)",
+            out,
+            extra,
+            len(jobs),
+            per_class,
+        )
     return out
 
 

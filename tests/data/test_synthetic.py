@@ -1,4 +1,5 @@
 import hashlib
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -62,3 +63,12 @@ def test_cli_writes_the_tree(tmp_path, capsys):
     assert main(["--out", str(tmp_path), "--per-class", "2", "--size", "40", "--seed", "1"]) == 0
     assert len(list(tmp_path.rglob("*.jpg"))) == 16
     assert "wrote 16 images" in capsys.readouterr().out
+
+
+def test_leftover_images_are_kept_and_reported(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("dinov2"), "propagate", True)  # other tests may turn it off
+    generate_synthetic_cells(tmp_path, 3, size=40, seed=0, classes=["platelet"], progress=False)
+    caplog.set_level("WARNING", logger="dinov2")
+    generate_synthetic_cells(tmp_path, 1, size=40, seed=0, classes=["platelet"], progress=False)
+    assert len(list((tmp_path / "platelet").glob("*.jpg"))) == 3  # nothing deleted
+    assert any("2 image(s) besides the 1 just generated" in r.getMessage() for r in caplog.records)
