@@ -220,8 +220,11 @@ def _table(summary: dict) -> str:
 
 
 def write_markdown_report(settings: DemoSettings, info: dict, evals: dict, figures: dict) -> Path:
+    from dinov2.eval.reports import slug
+
     out = settings.output_dir
     rel = lambda p: os.path.relpath(p, out)  # noqa: E731 - paths in the report are relative to it
+    confusion = evals["pretrained"]["dir"] / slug("Linear Probing") / "confusion_normalized.png"
     trained, baseline = evals["pretrained"]["summary"], evals["random_init"]["summary"]
     gain = {
         row: 100 * (trained[row]["balanced_accuracy"]["mean"] - baseline[row]["balanced_accuracy"]["mean"])
@@ -252,7 +255,7 @@ def write_markdown_report(settings: DemoSettings, info: dict, evals: dict, figur
         "",
         "## Confusion matrix (pretrained teacher, Linear Probing, row-normalised)",
         "",
-        f"![confusion]({rel(evals['pretrained']['dir'] / 'linear-probing' / 'confusion_normalized.png')})",
+        f"![confusion]({rel(confusion)})",
         "",
         "## UMAP of the teacher's CLS embeddings",
         "",
