@@ -358,29 +358,15 @@ def cmd_umap(args) -> None:
         print(w)
 
 
-def _pick_images(root: str, per_class: int, seed: int) -> list[str]:
-    import numpy as np
-
-    from dinov2.data.datasets import CellImageDataset
-
-    ds = CellImageDataset(root, labeled=None)
-    rng = np.random.default_rng(seed)
-    targets = np.asarray(ds.targets)
-    picked = []
-    for c in np.unique(targets):
-        idx = np.flatnonzero(targets == c)
-        picked += [ds.paths[i] for i in sorted(rng.choice(idx, size=min(per_class, len(idx)), replace=False))]
-    return picked
-
-
 def cmd_attention(args) -> None:
     from dinov2.eval.attention_maps import save_attention_grids
+    from dinov2.eval.selection import sample_images_per_class
 
     if not args.backbone:
         raise ValueError("give --backbone (a ViT checkpoint or hub name)")
     images = list(args.images)
     if args.data:
-        images += _pick_images(args.data, args.n_images, args.seed)
+        images += sample_images_per_class(args.data, per_class=args.n_images, seed=args.seed)
     if not images:
         raise ValueError("give --images FILE ... or --data DIR")
     for p in save_attention_grids(

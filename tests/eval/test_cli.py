@@ -139,6 +139,10 @@ def test_umap_and_attention(data, tmp_path, vit_ckpt):
     maps = np.load(att / "red0_attention.npy")
     assert maps.shape == (3, 2, 2, 2)  # CLS + 2 registers, 2 heads, 2x2 patches
     assert (att / "blue1_attention.png").is_file()
+    att2 = tmp_path / "att2"
+    argv = ["attention", "--backbone", vit_ckpt, "--data", str(data), "--n-images", "1", "--image-size", "16"]
+    assert main(argv + ["--output-dir", str(att2)]) == 0
+    assert len(list(att2.glob("*_attention.png"))) == 3  # one image per class
 
 
 def test_clear_errors(data, tmp_path, capsys):
