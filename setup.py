@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     "tqdm==4.70.1",
     "safetensors==0.8.0",
     "numpy==2.4.6",
+    "scipy==1.17.1",
 ]
 EXTRAS_REQUIRE = {
     "dev": [

@@ -23,3 +23,9 @@ def pbc_root() -> Path:
     if not PBC_ROOT.is_dir():
         pytest.skip(f"PBC dataset not found at {PBC_ROOT} (set DINOV2_PBC_ROOT)")
     return PBC_ROOT
+
+
+@pytest.fixture(autouse=True)
+def _private_scan_cache(tmp_path_factory, monkeypatch):
+    """Scan caches of tests go to a temporary folder, never to ~/.cache."""
+    monkeypatch.setenv("DINOV2_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "dinov2-cache"))
