@@ -52,6 +52,14 @@ _LAZY = {
     "plot_attention_grid": "dinov2.eval.attention_maps",
     "save_attention_grids": "dinov2.eval.attention_maps",
     "sample_images_per_class": "dinov2.eval.selection",
+    "split_dataset": "dinov2.eval.split",
+    "FinetuneConfig": "dinov2.eval.finetune",
+    "FinetuneResult": "dinov2.eval.finetune",
+    "train_classifier": "dinov2.eval.finetune",
+    "Prediction": "dinov2.eval.infer",
+    "predict": "dinov2.eval.infer",
+    "load_classifier": "dinov2.eval.classifier",
+    "BackboneClassifier": "dinov2.eval.classifier",
 }
 
 __all__ = sorted(_LAZY)
