@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -40,6 +39,7 @@ from tqdm.auto import tqdm
 
 from dinov2.data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from dinov2.eval.baselines import is_baseline_spec, make_baseline
+from dinov2.eval.reports import temporary_sibling
 
 logger = logging.getLogger("dinov2")
 
@@ -108,8 +108,7 @@ class FeatureSet:
         """Write an ``.npz`` (no pickles) atomically; :meth:`load` reads it back."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.npz")
-        os.close(fd)
+        tmp = temporary_sibling(path, ".tmp.npz")  # np.savez keeps a name that ends in .npz
         try:
             np.savez(
                 tmp,
@@ -121,8 +120,8 @@ class FeatureSet:
             )
             os.replace(tmp, path)
         finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+            if tmp.exists():
+                tmp.unlink()
         return path
 
     @classmethod

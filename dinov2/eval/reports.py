@@ -19,7 +19,7 @@ import io
 import json
 import os
 import re
-import tempfile
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -55,12 +55,25 @@ def _json_default(o):
     raise TypeError(f"cannot serialise {type(o).__name__} to JSON")
 
 
+def temporary_sibling(path: Path, suffix: str = ".tmp") -> Path:
+    """A fresh hidden name next to ``path`` for write-then-rename.
+
+    Unlike ``tempfile.mkstemp`` (always mode 0600), a file created under this name gets the
+    usual permissions from the umask, so results stay readable by the rest of the team.
+    """
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{suffix}")
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    tmp = temporary_sibling(path)
+    try:
+        with open(tmp, "x", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def write_json(obj: Any, path: str | Path) -> Path:

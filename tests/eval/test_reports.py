@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -102,6 +103,11 @@ def test_write_report_writes_every_output(tmp_path):
     first = preds[0]
     assert first["path"] == paths[int(first["index"])] and first["true"] == "xyz"[y[int(first["index"])]]
     assert all(p.exists() for p in written.values())
+    # Written files follow the umask (not mkstemp's 0600), so teammates can read the results.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "metrics.json").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary left over
 
 
 def test_write_classification_outputs_prefix(tmp_path):
