@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from typing import Any
 
 from dinov2.models.vision_transformer import ARCHS, DinoVisionTransformer
-
-logger = logging.getLogger("dinov2")
 
 # DINOv2's defaults for cfg.student keys that a config may leave out.
 _STUDENT_DEFAULTS: dict[str, Any] = {

@@ -13,7 +13,6 @@ Example:
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -24,8 +23,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from dinov2.layers import MemEffAttention, Mlp, NestedTensorBlock, PatchEmbed, SwiGLUFFNFused
-
-logger = logging.getLogger("dinov2")
 
 FFN_LAYERS = ("mlp", "swiglufused", "swiglu", "identity")
 # DINOv2's vit_* constructors use this block: list-capable, xformers kernel when available.
@@ -83,10 +80,6 @@ def block_chunk_size(depth: int, block_chunks: int) -> int:
 
 _CHUNKED_KEY = re.compile(r"^(?P<pre>(?:.*\.)?blocks)\.(?P<chunk>\d+)\.(?P<idx>\d+)\.(?P<rest>.+)$")
 _FLAT_KEY = re.compile(r"^(?P<pre>(?:.*\.)?blocks)\.(?P<idx>\d+)\.(?P<rest>.+)$")
-
-
-def _is_chunked_key(key: str) -> bool:
-    return _CHUNKED_KEY.match(key) is not None
 
 
 def convert_block_layout(state_dict: Mapping[str, torch.Tensor], chunk_size: int) -> dict[str, torch.Tensor]:
@@ -445,39 +438,32 @@ class DinoVisionTransformer(nn.Module):
         return last.attn.attention_probs(last.norm1(tokens))
 
 
-def _vit(embed_dim: int, depth: int, num_heads: int, patch_size: int, num_register_tokens: int, **kwargs):
-    """The named architecture; keyword arguments may still override any constructor argument."""
-    params = {
-        "patch_size": patch_size,
-        "embed_dim": embed_dim,
-        "depth": depth,
-        "num_heads": num_heads,
-        "mlp_ratio": 4,
-        "num_register_tokens": num_register_tokens,
-    }
+def _vit(arch: dict, patch_size: int, num_register_tokens: int, kwargs: dict) -> DinoVisionTransformer:
+    """The named architecture `arch`; keyword arguments may still override any constructor argument."""
+    params = {**arch, "patch_size": patch_size, "mlp_ratio": 4, "num_register_tokens": num_register_tokens}
     params.update(kwargs)
     return DinoVisionTransformer(**params)
 
 
 def vit_small(patch_size: int = 16, num_register_tokens: int = 0, **kwargs) -> DinoVisionTransformer:
     """ViT-S: D=384, 12 blocks, 6 heads (~22M parameters at patch 14)."""
-    return _vit(384, 12, 6, patch_size, num_register_tokens, **kwargs)
+    return _vit({"embed_dim": 384, "depth": 12, "num_heads": 6}, patch_size, num_register_tokens, kwargs)
 
 
 def vit_base(patch_size: int = 16, num_register_tokens: int = 0, **kwargs) -> DinoVisionTransformer:
     """ViT-B: D=768, 12 blocks, 12 heads (~86M parameters)."""
-    return _vit(768, 12, 12, patch_size, num_register_tokens, **kwargs)
+    return _vit({"embed_dim": 768, "depth": 12, "num_heads": 12}, patch_size, num_register_tokens, kwargs)
 
 
 def vit_large(patch_size: int = 16, num_register_tokens: int = 0, **kwargs) -> DinoVisionTransformer:
     """ViT-L: D=1024, 24 blocks, 16 heads (~304M parameters)."""
-    return _vit(1024, 24, 16, patch_size, num_register_tokens, **kwargs)
+    return _vit({"embed_dim": 1024, "depth": 24, "num_heads": 16}, patch_size, num_register_tokens, kwargs)
 
 
 def vit_giant2(patch_size: int = 16, num_register_tokens: int = 0, **kwargs) -> DinoVisionTransformer:
     """ViT-g/2 (DINOv2's giant): D=1536, 40 blocks, 24 heads, head dim 64 (~1.1B parameters
     with ffn_layer="swiglufused")."""
-    return _vit(1536, 40, 24, patch_size, num_register_tokens, **kwargs)
+    return _vit({"embed_dim": 1536, "depth": 40, "num_heads": 24}, patch_size, num_register_tokens, kwargs)
 
 
 ARCHS: dict[str, Callable[..., DinoVisionTransformer]] = {
