@@ -148,16 +148,12 @@ def build_backbones(cfg: DictConfig) -> tuple[DinoVisionTransformer, DinoVisionT
     """(student, teacher) backbones when cfg.student overrides embed_dim / depth / num_heads of its
     arch (small CPU models), else None so that SSLMetaArch builds cfg.student.arch as DINOv2 does."""
     s = cfg.student
-    if s.embed_dim is None and s.depth is None and s.num_heads is None:
+    sizes = {k: s[k] for k in ("embed_dim", "depth", "num_heads") if s[k] is not None}
+    if not sizes:
         return None
-    with torch.device("meta"):  # only to read the arch's sizes; allocates nothing
-        reference = ARCHS[s.arch](patch_size=s.patch_size, img_size=cfg.crops.global_crops_size)
     kwargs = dict(
         img_size=cfg.crops.global_crops_size,
         patch_size=s.patch_size,
-        embed_dim=s.embed_dim or reference.embed_dim,
-        depth=s.depth or reference.n_blocks,
-        num_heads=s.num_heads or reference.num_heads,
         init_values=s.layerscale,
         ffn_layer=s.ffn_layer,
         block_chunks=s.block_chunks,
@@ -167,11 +163,11 @@ def build_backbones(cfg: DictConfig) -> tuple[DinoVisionTransformer, DinoVisionT
         num_register_tokens=s.num_register_tokens,
         interpolate_antialias=s.interpolate_antialias,
         interpolate_offset=s.interpolate_offset,
+        **sizes,
     )
-    teacher = DinoVisionTransformer(**kwargs)  # no stochastic depth in the teacher
-    student = DinoVisionTransformer(
-        **kwargs, drop_path_rate=s.drop_path_rate, drop_path_uniform=s.drop_path_uniform
-    )
+    arch = ARCHS[s.arch]
+    teacher = arch(**kwargs)  # no stochastic depth in the teacher
+    student = arch(**kwargs, drop_path_rate=s.drop_path_rate, drop_path_uniform=s.drop_path_uniform)
     return student, teacher
 
 

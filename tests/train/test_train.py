@@ -38,6 +38,7 @@ FAST = [
     "optim.epochs=2",
     "optim.warmup_epochs=1",
     "teacher.warmup_teacher_temp_epochs=1",
+    "teacher.teacher_temp=0.07",  # a warm-up 0.04 -> 0.07 to check the schedule in the logs
     "train.log_period_iterations=1",
     "train.checkpoint_period_iterations=2",
     "train.checkpoint_keep=2",
