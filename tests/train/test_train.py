@@ -328,3 +328,28 @@ def test_tiny_config_learns_on_synthetic_cells(tmp_path):
         scores[name] = _knn_accuracy(xb, yb, xq, yq)
     print("20-NN balanced accuracy on held-out synthetic cells:", scores)
     assert scores["trained"] > scores["random"] + 0.03
+
+
+def test_preemption_signal_checkpoints_and_returns(cells, tmp_path, monkeypatch):
+    import signal
+
+    real = SSLMetaArch.forward_backward
+    calls = {"n": 0}
+
+    def signalled(self, images, teacher_temp, grad_scaler=None):
+        calls["n"] += 1
+        if calls["n"] == 2:  # SLURM's pre-timeout signal arrives during iteration index 1
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return real(self, images, teacher_temp, grad_scaler)
+
+    monkeypatch.setattr(SSLMetaArch, "forward_backward", signalled)
+    out = tmp_path / "run"
+    result = _run(cells, out, "train.checkpoint_period_iterations=100")
+    # The step in flight finishes, then a checkpoint is written at the step boundary.
+    assert (result.status, result.iteration) == ("preempted", 2)
+    assert [it for it, _ in checkpointing.list_checkpoints(out / "checkpoints")] == [2]
+    assert signal.getsignal(signal.SIGUSR2) is signal.SIG_DFL  # handlers put back
+    monkeypatch.setattr(SSLMetaArch, "forward_backward", real)
+    resumed = _run(cells, out, "train.checkpoint_period_iterations=100")
+    assert (resumed.status, resumed.iteration) == ("completed", 6)
+    assert [r["iteration"] for r in _records(out)] == [1, 2, 3, 4, 5, 6]
