@@ -469,6 +469,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> TrainResult:
     from_cli = args is None
     if args is None or isinstance(args, list | tuple):
         args = get_args_parser().parse_args(args)
+    owns_process_group = not distributed.is_enabled()  # a launcher may have initialised it already
     info = distributed.enable()
     handlers = setup_logging(None, info.rank)
     try:
@@ -486,8 +487,9 @@ def main(args: argparse.Namespace | list[str] | None = None) -> TrainResult:
         return do_train(cfg, model, info, resume=not args.no_resume)
     finally:
         remove_handlers(handlers)
+        if owns_process_group:
+            distributed.disable()
 
 
 if __name__ == "__main__":
-    result = main()
-    sys.exit(0)
+    main()
