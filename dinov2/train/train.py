@@ -242,6 +242,28 @@ def reduce_losses(loss_dict: dict[str, torch.Tensor]) -> dict[str, float]:
     return out
 
 
+def train_step(model, optimizer, scaler, averager, data: dict, schedules, it: int, cfg: DictConfig):
+    """Iteration `it`: teacher targets, student predictions, losses, backward, clip, step, EMA.
+
+    Returns (losses averaged over processes, per-part gradient norms). Raises NonFiniteLossError
+    naming the bad terms before any weight, optimizer state or loss center has changed.
+    """
+    apply_optim_scheduler(optimizer, schedules.lr[it], schedules.wd[it], schedules.last_layer_lr[it])
+    optimizer.zero_grad(set_to_none=True)
+    loss_dict = model.forward_backward(data, teacher_temp=schedules.teacher_temp[it], grad_scaler=scaler)
+    losses = reduce_losses(loss_dict)  # every process sees the same values, so all stop together
+    bad = [k for k, v in losses.items() if not math.isfinite(v)]
+    if bad:
+        discard_pending_center_updates(model)
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLossError(
+            f"non-finite loss at iteration {it}: " + ", ".join(f"{k}={losses[k]}" for k in bad)
+        )
+    grad_norms = optimizer_step(model, optimizer, scaler, averager, cfg.optim.clip_grad)
+    model.update_teacher(schedules.momentum[it])
+    return losses, grad_norms
+
+
 def optimizer_step(model, optimizer, scaler, averager, clip_grad: float) -> dict[str, torch.Tensor]:
     """After backward: average gradients (ddp), unscale (fp16), clip each student part, step.
 
@@ -277,6 +299,24 @@ def teacher_collapse_metrics(model, images: torch.Tensor, teacher_temp: float, c
     else:
         probs = model.dino_loss.softmax_center_teacher(logits, teacher_temp)
     return collapse_metrics(probs.float(), cls.float())
+
+
+def run_monitors(model, data: dict, it: int, teacher_temp: float, knn, cfg: DictConfig, device) -> dict:
+    """Collapse metrics and online kNN accuracy when `it` is a multiple of their periods (collective)."""
+    out = {}
+    period = cfg.train.collapse_check_period_iterations
+    if period > 0 and it % period == 0:
+        out.update(
+            teacher_collapse_metrics(model, data["collated_global_crops"].to(device), teacher_temp, cfg)
+        )
+        # Not during the lr warm-up: at initialisation LayerScale (1e-5) makes every image's
+        # embedding nearly the same, which is not collapse.
+        if distributed.is_main_process() and it > cfg.optim.warmup_epochs * cfg.train.OFFICIAL_EPOCH_LENGTH:
+            for reason in collapse_warnings(out):
+                logger.warning("possible collapse at iteration %d: %s", it, reason)
+    if knn is not None and it % cfg.evaluation.knn_period_iterations == 0:
+        out.update(knn.evaluate(model.teacher["backbone"], device))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -365,44 +405,23 @@ def do_train(
             t_data = time.perf_counter() - t0
 
             teacher_temp = schedules.teacher_temp[it]
-            apply_optim_scheduler(optimizer, schedules.lr[it], schedules.wd[it], schedules.last_layer_lr[it])
-            optimizer.zero_grad(set_to_none=True)
-            loss_dict = model.forward_backward(data, teacher_temp=teacher_temp, grad_scaler=scaler)
-            losses = reduce_losses(loss_dict)
-            bad = [k for k, v in losses.items() if not math.isfinite(v)]
-            if bad:
-                discard_pending_center_updates(model)
-                optimizer.zero_grad(set_to_none=True)
+            try:
+                losses, grad_norms = train_step(model, optimizer, scaler, averager, data, schedules, it, cfg)
+            except NonFiniteLossError as error:
+                # Nothing was updated: save the state from before this iteration, then stop.
                 state = training_state(
                     model, optimizer, scaler, sampler, it, it - start_iter, cfg, rng_before
                 )
                 save_training_checkpoint(state, cfg)
-                terms = ", ".join(f"{k}={losses[k]}" for k in bad)
                 saved = output_dir / "checkpoints" / checkpointing.checkpoint_name(it)
-                raise NonFiniteLossError(
-                    f"non-finite loss at iteration {it}: {terms}; the last finite state (before this "
-                    f"iteration) was saved to {saved}"
-                )
-            grad_norms = optimizer_step(model, optimizer, scaler, averager, cfg.optim.clip_grad)
-            model.update_teacher(schedules.momentum[it])
+                raise NonFiniteLossError(f"{error}; the last finite state (before this iteration) was saved "
+                                         f"to {saved}") from None  # fmt: skip
             it += 1
 
             window["iter_time"] += time.perf_counter() - t0
             window["data_time"] += t_data
             window["n"] += 1
-            extra = {}
-            period = cfg.train.collapse_check_period_iterations
-            if period > 0 and it % period == 0:
-                extra = teacher_collapse_metrics(
-                    model, data["collated_global_crops"].to(device), teacher_temp, cfg
-                )
-                # Not during the lr warm-up: at initialisation LayerScale (1e-5) makes every image's
-                # embedding nearly the same, which is not collapse.
-                if distributed.is_main_process() and it > cfg.optim.warmup_epochs * epoch_len:
-                    for reason in collapse_warnings(extra):
-                        logger.warning("possible collapse at iteration %d: %s", it, reason)
-            if knn is not None and it % cfg.evaluation.knn_period_iterations == 0:
-                extra.update(knn.evaluate(model.teacher["backbone"], device))
+            extra = run_monitors(model, data, it, teacher_temp, knn, cfg, device)
             if it % cfg.train.log_period_iterations == 0 or it == end_iter or extra:
                 n = window["n"]
                 iter_time = window["iter_time"] / n
