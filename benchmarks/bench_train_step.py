@@ -17,6 +17,7 @@ heads, losses) costs on top.
 """
 
 import argparse
+import copy
 import statistics
 import tempfile
 import time
@@ -62,18 +63,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(step, iters: int, warmup: int, device: torch.device) -> list[float]:
-    """Seconds per call of `step` over `iters` calls after `warmup` untimed ones."""
-    for _ in range(warmup):
-        step()
+def time_step(step, device: torch.device) -> float:
+    """Seconds of one call of `step` (synchronising the GPU)."""
     _sync(device)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return times
+    t0 = time.perf_counter()
+    step()
+    _sync(device)
+    return time.perf_counter() - t0
 
 
 def main(argv=None) -> dict:
@@ -111,49 +107,60 @@ def main(argv=None) -> dict:
         optimizer_step(model, optimizer, scaler, None, cfg.optim.clip_grad)
         model.update_teacher(cfg.teacher.momentum_teacher)
 
+    # Peak memory of the SSL step alone, over its warm-up steps.
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    ssl_times = time_steps(ssl_step, args.iters, args.warmup, device)
+    for _ in range(args.warmup):
+        ssl_step()
     ssl_mem = peak_memory_mb(device)
-    result = {
-        "ssl_images_per_second": bs / statistics.median(ssl_times),
-        "ssl_step_seconds": statistics.median(ssl_times),
-        "ssl_peak_memory_mb": ssl_mem,
-    }
+    steps = {"ssl": ssl_step}
+    if not args.no_baseline:
+        steps["baseline"] = make_supervised_step(model, batch, device)
+        for _ in range(args.warmup):
+            steps["baseline"]()
+    # Alternate the two steps so both see the same load on a shared machine.
+    times = {name: [] for name in steps}
+    for _ in range(args.iters):
+        for name, step in steps.items():
+            times[name].append(time_step(step, device))
+    ssl_s = statistics.median(times["ssl"])
+    result = {"ssl_images_per_second": bs / ssl_s, "ssl_step_seconds": ssl_s, "ssl_peak_memory_mb": ssl_mem}
     print(f"config {args.config} on {device} ({torch.get_num_threads()} CPU threads), batch {bs}, "
           f"backbone {n_params / 1e6:.2f}M params, crops {cfg.crops.global_crops_size}/"
           f"{cfg.crops.local_crops_size} x 2+{cfg.crops.local_crops_number}")  # fmt: skip
-    print(f"SSL step:        {result['ssl_step_seconds'] * 1000:8.1f} ms  "
-          f"{result['ssl_images_per_second']:8.1f} images/s  peak memory {ssl_mem:.0f} MiB")  # fmt: skip
-
-    if not args.no_baseline:
-        backbone = model.student["backbone"]
-        classifier = torch.nn.Linear(backbone.embed_dim, 8).to(device)
-        base_opt = torch.optim.AdamW(list(backbone.parameters()) + list(classifier.parameters()), lr=1e-4)
-        images = batch["collated_global_crops"]
-        labels = torch.randint(0, 8, (images.shape[0],), device=device)
-        autocast = partial(
-            torch.autocast, device_type=device.type, dtype=model.autocast_dtype or torch.float32,
-            enabled=device.type == "cuda" and model.autocast_dtype not in (None, torch.float32),
-        )  # fmt: skip
-
-        def supervised_step():
-            base_opt.zero_grad(set_to_none=True)
-            with autocast():
-                loss = torch.nn.functional.cross_entropy(classifier(backbone(images)).float(), labels)
-            loss.backward()
-            base_opt.step()
-
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        base_times = time_steps(supervised_step, args.iters, args.warmup, device)
-        result["baseline_images_per_second"] = bs / statistics.median(base_times)
-        result["ssl_over_baseline_time"] = statistics.median(ssl_times) / statistics.median(base_times)
-        print(f"baseline step:   {statistics.median(base_times) * 1000:8.1f} ms  "
-              f"{result['baseline_images_per_second']:8.1f} images/s  (supervised, same backbone, "
-              f"2 global crops per image)")  # fmt: skip
-        print(f"SSL step / baseline step time: {result['ssl_over_baseline_time']:.2f}x")
+    print(
+        f"SSL step:        {ssl_s * 1000:8.1f} ms  {bs / ssl_s:8.1f} images/s  peak memory {ssl_mem:.0f} MiB"
+    )
+    if "baseline" in times:
+        base_s = statistics.median(times["baseline"])
+        result["baseline_images_per_second"] = bs / base_s
+        result["ssl_over_baseline_time"] = ssl_s / base_s
+        print(f"baseline step:   {base_s * 1000:8.1f} ms  {bs / base_s:8.1f} images/s  (supervised, same "
+              f"backbone, 2 global crops per image)")  # fmt: skip
+        print(f"SSL step / baseline step time: {ssl_s / base_s:.2f}x")
     return result
+
+
+def make_supervised_step(model, batch: dict, device: torch.device):
+    """The baseline: a supervised step (linear classifier, cross-entropy, AdamW) of a copy of the
+    student backbone on the batch's global crops."""
+    backbone = copy.deepcopy(model.student["backbone"])
+    classifier = torch.nn.Linear(backbone.embed_dim, 8).to(device)
+    optimizer = torch.optim.AdamW(list(backbone.parameters()) + list(classifier.parameters()), lr=1e-4)
+    images = batch["collated_global_crops"]
+    labels = torch.randint(0, 8, (images.shape[0],), device=device)
+    dtype = model.autocast_dtype or torch.float32
+    autocast = partial(torch.autocast, device_type=device.type, dtype=dtype,
+                       enabled=device.type == "cuda" and dtype != torch.float32)  # fmt: skip
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with autocast():
+            loss = torch.nn.functional.cross_entropy(classifier(backbone(images)).float(), labels)
+        loss.backward()
+        optimizer.step()
+
+    return step
 
 
 if __name__ == "__main__":
