@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dinov2.data.datasets import CellImageDataset
 from dinov2.data.samplers import ShardedInfiniteSampler, StreamSample
+from dinov2.utils.signals import ignore_stop_signals
 
 
 def derive_seed(seed: int, tag: str, position: int) -> int:
@@ -125,4 +126,5 @@ def make_data_loader(
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
         generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=ignore_stop_signals,
     )

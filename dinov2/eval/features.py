@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from dinov2.data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from dinov2.eval.baselines import is_baseline_spec, make_baseline
 from dinov2.eval.reports import temporary_sibling
+from dinov2.utils.signals import ignore_stop_signals
 
 logger = logging.getLogger("dinov2")
 
@@ -525,6 +526,7 @@ def extract_features(
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
+        worker_init_fn=ignore_stop_signals,
         pin_memory=dev.type == "cuda",
     )
     start = time.perf_counter()
