@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -32,6 +31,7 @@ from dinov2.data.transforms import MaybeToTensor, make_normalize_transform
 from dinov2.eval.features import Preprocessing, pool_tokens
 from dinov2.models.vision_transformer import DinoVisionTransformer, convert_block_layout
 from dinov2.models.weights import backbone_config
+from dinov2.train.checkpointing import atomic_torch_save  # noqa: F401 (re-exported)
 
 POOLINGS = ("cls", "cls+avgpool")
 CHECKPOINT_FORMAT = "dinov2-cells-classifier"
@@ -261,26 +261,6 @@ def balanced_class_weights(targets: Sequence[int] | np.ndarray, num_classes: int
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """`torch.save` to a temporary file in the same folder, then `os.replace` it onto ``path``.
-
-    A reader never sees a half-written file, and a crash mid-save leaves the previous one intact.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def classifier_checkpoint(
