@@ -45,7 +45,7 @@ class DemoSettings:
     """Synthetic images per class when no `data` is given."""
     epochs: int = 4
     """Pretraining length in epochs of the tiny config (50 iterations each)."""
-    max_per_class: int = 400
+    max_per_class: int = 200
     """Images per class used by the evaluation (seeded subsample; keeps PBC runs short)."""
     eval_image_size: int = 64
     """Evaluation crop side: the tiny config's global crop size."""
