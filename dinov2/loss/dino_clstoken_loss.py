@@ -51,6 +51,30 @@ def _flush_center_update(module: nn.Module, prefix: str, keep_vars: bool) -> Non
     module.apply_center_update()
 
 
+def _start_center_reduce(loss: nn.Module, batch_sum: Tensor) -> None:
+    """Mark a center update pending on `loss` with this rank's batch sum; all-reduce it asynchronously.
+
+    Shared by DINOLoss and iBOTPatchLoss: the reduction overlaps the student's forward/backward and
+    is waited for only when the center is next needed (`_finish_center_update`).
+    """
+    loss.updated = False
+    loss.async_batch_center = batch_sum
+    if _dist_active():
+        loss.reduce_handle = dist.all_reduce(batch_sum, async_op=True)
+
+
+def _finish_center_update(loss: nn.Module, n_local: int) -> None:
+    """center <- m * center + (1 - m) * (sum over ranks) / (n_local * world_size); no-op when none pending."""
+    if loss.updated:
+        return
+    if loss.reduce_handle is not None:
+        loss.reduce_handle.wait()
+        loss.reduce_handle = None
+    batch_center = loss.async_batch_center / (n_local * _world_size())
+    loss.center.mul_(loss.center_momentum).add_(batch_center, alpha=1 - loss.center_momentum)
+    loss.updated = True
+
+
 def sinkhorn_knopp(
     scores: Tensor, teacher_temp: float, n_samples_total: Tensor | int, n_iterations: int = 3
 ) -> Tensor:
@@ -194,23 +218,13 @@ class DINOLoss(nn.Module):
         """
         self._check_last_dim(teacher_output, "teacher_output")
         self.apply_center_update()  # never drop an update that was not consumed yet
-        self.updated = False
         self.len_teacher_output = len(teacher_output)
-        self.async_batch_center = torch.sum(teacher_output.float(), dim=0, keepdim=True)
-        if _dist_active():
-            self.reduce_handle = dist.all_reduce(self.async_batch_center, async_op=True)
+        _start_center_reduce(self, torch.sum(teacher_output.float(), dim=0, keepdim=True))
 
     @torch.no_grad()
     def apply_center_update(self) -> None:
         """Finish a pending update_center() (wait for its all_reduce); no-op when none is pending."""
-        if self.updated:
-            return
-        if self.reduce_handle is not None:
-            self.reduce_handle.wait()
-            self.reduce_handle = None
-        batch_center = self.async_batch_center / (self.len_teacher_output * _world_size())
-        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
-        self.updated = True
+        _finish_center_update(self, self.len_teacher_output)
 
     def _check_last_dim(self, x: Tensor, what: str) -> None:
         if x.ndim < 2 or x.shape[-1] != self.out_dim:

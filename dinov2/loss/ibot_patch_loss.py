@@ -22,8 +22,9 @@ from dinov2.loss.dino_clstoken_loss import (
     _check_hparams,
     _check_teacher_temp,
     _dist_active,
+    _finish_center_update,
     _flush_center_update,
-    _world_size,
+    _start_center_reduce,
     sinkhorn_knopp,
 )
 
@@ -177,28 +178,19 @@ class iBOTPatchLoss(nn.Module):  # noqa: N801 (DINOv2's public name)
             )
         self._check_last_dim(teacher_patch_tokens, "teacher_patch_tokens")
         self.apply_center_update()
-        self.updated = False
         self.len_teacher_patch_tokens = len(teacher_patch_tokens)
         if teacher_patch_tokens.shape[1] == 0:
             # No masked token on this rank: contribute the current center so the (collective) update
             # stays finite and unbiased instead of averaging an empty set into NaN.
-            self.async_batch_center = self.center[0] * len(teacher_patch_tokens)
+            batch_sum = self.center[0] * len(teacher_patch_tokens)
         else:
-            self.async_batch_center = torch.sum(teacher_patch_tokens.float().mean(1), dim=0, keepdim=True)
-        if _dist_active():
-            self.reduce_handle = dist.all_reduce(self.async_batch_center, async_op=True)
+            batch_sum = torch.sum(teacher_patch_tokens.float().mean(1), dim=0, keepdim=True)
+        _start_center_reduce(self, batch_sum)
 
     @torch.no_grad()
     def apply_center_update(self) -> None:
         """Finish a pending update_center() (wait for its all_reduce); no-op when none is pending."""
-        if self.updated:
-            return
-        if self.reduce_handle is not None:
-            self.reduce_handle.wait()
-            self.reduce_handle = None
-        batch_center = self.async_batch_center / (self.len_teacher_patch_tokens * _world_size())
-        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
-        self.updated = True
+        _finish_center_update(self, self.len_teacher_patch_tokens)
 
     def _check_last_dim(self, x: Tensor, what: str) -> None:
         if x.ndim < 2 or x.shape[-1] != self.patch_out_dim:
