@@ -43,7 +43,7 @@ class DemoSettings:
     """Redo every stage instead of reusing what exists."""
     synthetic_per_class: int = 150
     """Synthetic images per class when no `data` is given."""
-    epochs: int = 4
+    epochs: int = 12
     """Pretraining length in epochs of the tiny config (50 iterations each)."""
     max_per_class: int = 200
     """Images per class used by the evaluation (seeded subsample; keeps PBC runs short)."""

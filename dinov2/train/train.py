@@ -44,7 +44,7 @@ from dinov2.data.masking import MaskingGenerator  # noqa: E402
 from dinov2.data.samplers import ShardedInfiniteSampler  # noqa: E402
 from dinov2.models.vision_transformer import ARCHS, DinoVisionTransformer  # noqa: E402
 from dinov2.train import checkpointing  # noqa: E402
-from dinov2.train.collapse import collapse_metrics, collapse_warnings  # noqa: E402
+from dinov2.train.collapse import CollapseThresholds, collapse_metrics, collapse_warnings  # noqa: E402
 from dinov2.train.distributed_wrap import (  # noqa: E402
     GradientAverager,
     apply_fsdp2,
@@ -312,7 +312,8 @@ def run_monitors(model, data: dict, it: int, teacher_temp: float, knn, cfg: Dict
         # Not during the lr warm-up: at initialisation LayerScale (1e-5) makes every image's
         # embedding nearly the same, which is not collapse.
         if distributed.is_main_process() and it > cfg.optim.warmup_epochs * cfg.train.OFFICIAL_EPOCH_LENGTH:
-            for reason in collapse_warnings(out):
+            thresholds = CollapseThresholds(**cfg.train.collapse_thresholds)
+            for reason in collapse_warnings(out, thresholds):
                 logger.warning("possible collapse at iteration %d: %s", it, reason)
     if knn is not None and it % cfg.evaluation.knn_period_iterations == 0:
         out.update(knn.evaluate(model.teacher["backbone"], device))

@@ -353,3 +353,17 @@ def test_preemption_signal_checkpoints_and_returns(cells, tmp_path, monkeypatch)
     resumed = _run(cells, out, "train.checkpoint_period_iterations=100")
     assert (resumed.status, resumed.iteration) == ("completed", 6)
     assert [r["iteration"] for r in _records(out)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_collapse_thresholds_come_from_the_config(cells, tmp_path):
+    # A CLS-std threshold no real run meets: the monitor must warn at its first check after the warm-up
+    # (iteration 6) and quote the measured ratio that was also logged for that iteration.
+    out = tmp_path / "run"
+    _run(cells, out, "train.collapse_thresholds.min_cls_std_ratio=1000.0")
+    ratio = next(r["cls_std_ratio"] for r in _records(out) if r["iteration"] == 6)
+    log = (out / "training_log.txt").read_text()
+    assert "possible collapse at iteration 6: CLS embeddings barely differ" in log
+    assert f"= {ratio:.3f}/sqrt(D) (threshold 1000.0/sqrt(D))" in log
+    assert "possible collapse at iteration 3" not in log  # still in the lr warm-up
+    with pytest.raises(ConfigError, match="collapse_thresholds"):
+        _run(cells, tmp_path / "bad", "train.collapse_thresholds.max_entropy=0.5")
