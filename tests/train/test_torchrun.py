@@ -136,6 +136,20 @@ def test_fsdp2_on_cpu_matches_one_process(cells, tmp_path):
     # Full (unsharded) tensors in the checkpoint, equal to the 1-process run up to rounding.
     _assert_same_training(fsdp, single, 2)
     assert (fsdp / "eval" / "2" / "teacher_checkpoint.pth").is_file()
+    # Head warm-up under FSDP2: both iterations fall in optim.freeze_last_layer_epochs (1 epoch = 4
+    # iterations), so the student's last layer never moved and the EMA teacher's copy still equals it
+    # (up to the EMA's float rounding), while the rest of the head trained (by ~lr) and the teacher
+    # lags behind it.
+    model = state["model"]
+
+    def gap(key):
+        return (model[key] - model[key.replace("student.", "teacher.", 1)]).abs().max().item()
+
+    last = [k for k in model if k.startswith("student.dino_head.last_layer")]
+    mlp = [k for k in model if k.startswith("student.dino_head.mlp") and k.endswith("weight")]
+    assert last and mlp
+    assert max(gap(k) for k in last) < 1e-6
+    assert min(gap(k) for k in mlp) > 1e-4
     # An FSDP checkpoint resumes in a plain single-process run.
     _train([sys.executable], cells, fsdp, 4, "train.max_iterations=3")
     assert torch.isfinite(_state(fsdp, 3)["model"]["student.backbone.cls_token"]).all()
