@@ -18,6 +18,9 @@ INSTALL_REQUIRES = [
     "safetensors==0.8.0",
     "numpy==2.4.6",
     "scipy==1.17.1",
+    "fastapi==0.163.2",
+    "uvicorn==0.54.0",
+    "python-multipart==0.0.34",
 ]
 EXTRAS_REQUIRE = {
     "dev": [
@@ -30,6 +33,8 @@ EXTRAS_REQUIRE = {
         "ipykernel==7.4.0",
         "tensorboard==2.21.0",
         "timm==1.0.31",
+        "httpx==0.28.1",
+        "selenium==4.51.0",
     ],
     "xformers": ["xformers"],
 }
@@ -39,7 +44,7 @@ setup(
     version="0.1.0",
     description="Self-supervised DINOv2 pretraining and evaluation for white-blood-cell microscopy",
     packages=find_packages(include=["dinov2", "dinov2.*"]),
-    package_data={"dinov2": ["configs/*.yaml", "configs/train/*.yaml"]},
+    package_data={"dinov2": ["configs/*.yaml", "configs/train/*.yaml", "serve/static/*"]},
     include_package_data=True,
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
@@ -55,6 +60,7 @@ setup(
             "dinov2-finetune=dinov2.eval.finetune:main",
             "dinov2-infer=dinov2.eval.infer:main",
             "dinov2-demo=dinov2.run.demo:main",
+            "dinov2-serve=dinov2.run.serve:main",
         ]
     },
 )

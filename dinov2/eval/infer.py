@@ -25,6 +25,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import torch
@@ -178,21 +179,32 @@ def write_predictions_csv(
     true_classes: Sequence[str] | None = None,
 ) -> None:
     """CSV with columns path, [true_class,] predicted_class, probability, prob_<class>..., error."""
-    header = ["path"] + (["true_class"] if true_classes is not None else [])
-    header += ["predicted_class", "probability"] + [f"prob_{c}" for c in classes] + ["error"]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        for k, p in enumerate(predictions):
-            row: list[object] = [p.path] + ([true_classes[k]] if true_classes is not None else [])
-            if p.probabilities is None:
-                row += ["", ""] + [""] * len(classes) + [p.error or ""]
-            else:
-                row += [p.predicted_class, f"{p.probability:.6f}"]
-                row += [f"{p.probabilities[c]:.6f}" for c in classes] + [""]
-            writer.writerow(row)
+        write_predictions_rows(f, predictions, classes, true_classes)
+
+
+def write_predictions_rows(
+    f: TextIO,
+    predictions: Sequence[Prediction],
+    classes: Sequence[str],
+    true_classes: Sequence[str] | None = None,
+) -> None:
+    """`write_predictions_csv`'s header and rows into an open text stream (opened with
+    ``newline=""``, or a `io.StringIO`), so other tools (the web app) write the same CSV."""
+    header = ["path"] + (["true_class"] if true_classes is not None else [])
+    header += ["predicted_class", "probability"] + [f"prob_{c}" for c in classes] + ["error"]
+    writer = csv.writer(f)
+    writer.writerow(header)
+    for k, p in enumerate(predictions):
+        row: list[object] = [p.path] + ([true_classes[k]] if true_classes is not None else [])
+        if p.probabilities is None:
+            row += ["", ""] + [""] * len(classes) + [p.error or ""]
+        else:
+            row += [p.predicted_class, f"{p.probability:.6f}"]
+            row += [f"{p.probabilities[c]:.6f}" for c in classes] + [""]
+        writer.writerow(row)
 
 
 def format_table(predictions: Sequence[Prediction], topk: int = 3) -> str:
