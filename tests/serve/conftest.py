@@ -1,6 +1,6 @@
 """A small trained classifier for the web-app tests, built in seconds on 2 CPU cores.
 
-Synthetic stained cells (`dinov2.data.synthetic`) of three classes at 48 px, split 60/40 into
+Synthetic stained cells (`dinov2.data.synthetic`) of three classes at 64 px, split 60/40 into
 TRN/VAL, and a linear head (cached features) trained on a random-init ViT with 2 registers. The
 accuracy does not matter; what matters is a real `best.pth` written by `dinov2-finetune`.
 """
@@ -51,7 +51,7 @@ class TrainedClassifier:
 def tiny_vit_with_registers(seed: int = 0) -> DinoVisionTransformer:
     torch.manual_seed(seed)
     return DinoVisionTransformer(
-        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0,
+        img_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0,
         num_register_tokens=2, block_chunks=0,
     )  # fmt: skip
 
@@ -59,12 +59,12 @@ def tiny_vit_with_registers(seed: int = 0) -> DinoVisionTransformer:
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory) -> TrainedClassifier:
     root = tmp_path_factory.mktemp("serve")
-    generate_synthetic_cells(root / "cells", per_class=10, size=48, seed=0, classes=CLASSES, progress=False)
+    generate_synthetic_cells(root / "cells", per_class=10, size=64, seed=0, classes=CLASSES, progress=False)
     split_dataset(root / "cells", root / "split", (0.6, 0.4, 0.0), seed=0, mode="copy")
     export_backbone(tiny_vit_with_registers(), root / "backbone.safetensors")
     cfg = FinetuneConfig(
         data=str(root / "split"), backbone=str(root / "backbone.safetensors"), output_dir=str(root / "run"),
-        mode="linear", head="cls+avgpool", epochs=3, batch_size=8, lr=1e-2, image_size=32,
+        mode="linear", head="cls+avgpool", epochs=10, batch_size=6, lr=0.05, image_size=64,
         warmup_epochs=0.0, cache_features=True, num_workers=0, progress=False, device="cpu",
     )  # fmt: skip
     result = train_classifier(cfg)

@@ -83,7 +83,7 @@ def test_predict_agrees_with_dinov2_infer(client, trained):
         assert got["probabilities"] == pytest.approx(want.probabilities, abs=1e-6)
         assert len(got["attention"]["registers"]) == 2
         image = Image.open(io.BytesIO(base64.b64decode(got["attention"]["cls"].split(",", 1)[1])))
-        assert image.format == "PNG" and image.size == (32, 32)
+        assert image.format == "PNG" and image.size == (64, 64)
         sims = [n["similarity"] for n in got["neighbours"]]
         assert (
             len(sims) == 8 and sims == sorted(sims, reverse=True) and all(-1 <= s <= 1 + 1e-6 for s in sims)
@@ -195,7 +195,7 @@ def test_concurrent_requests_get_their_own_answers(client, trained):
 def test_reference_thumbnails(client):
     r = client.get("/api/reference/0/thumbnail")
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
-    assert Image.open(io.BytesIO(r.content)).size == (48, 48)
+    assert Image.open(io.BytesIO(r.content)).size == (64, 64)
     assert client.get("/api/reference/999/thumbnail").status_code == 404
     assert client.get("/api/reference/-1/thumbnail").status_code == 404
 

@@ -67,7 +67,7 @@ def test_one_pass_attention_equals_get_last_self_attention(service, trained):
     images = torch.stack([service._transform(Image.open(p).convert("RGB")) for p in trained.images(3)])
     probs, embeddings, maps = service._run_model(images)
     expected_maps = compute_attention_maps(service.model.backbone, images)
-    assert maps.shape == (3, 1 + 2, 2, 4, 4)  # 2 registers, 2 heads, 32 px / 8 px patches
+    assert maps.shape == (3, 1 + 2, 2, 8, 8)  # 2 registers, 2 heads, 64 px / 8 px patches
     torch.testing.assert_close(maps, expected_maps, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         expected_probs = torch.softmax(service.model(images), dim=1).numpy()
@@ -167,7 +167,7 @@ def test_attention_overlays_are_pngs_of_the_crop(service, trained):
     assert set(result.attention) == {"cls", "registers"} and len(result.attention["registers"]) == 2
     for url in [result.attention["cls"], *result.attention["registers"]]:
         image = _decode_data_url(url)
-        assert image.format == "PNG" and image.size == (32, 32) and image.mode == "RGB"
+        assert image.format == "PNG" and image.size == (64, 64) and image.mode == "RGB"
 
 
 def test_neighbours_match_brute_force_cosine_similarity(service, trained):
@@ -215,7 +215,7 @@ def test_reference_index_checks_its_input(service, tmp_path):
 def test_reference_thumbnails(service):
     png = service.reference_thumbnail(0, size=20)
     image = Image.open(io.BytesIO(png))
-    assert image.format == "PNG" and max(image.size) == 20  # the 48 px cell, shrunk
+    assert image.format == "PNG" and max(image.size) == 20  # the 64 px cell, shrunk
     with pytest.raises(LookupError):
         service.reference_thumbnail(len(service.reference))
 
