@@ -7,7 +7,7 @@ DATA ?=
 FORCE ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint venv clean-demo
+.PHONY: demo serve test lint venv clean-demo
 
 venv: $(STAMP)
 
@@ -19,6 +19,12 @@ $(STAMP): setup.py requirements-dev.txt
 
 demo: $(STAMP)
 	$(PY) -m dinov2.run.demo --output-dir demo_output $(if $(DATA),--data $(DATA)) $(if $(FORCE),--force)
+
+# The web app on the classifier `make demo` trains (dinov2/run/demo_classifier.py), its training split as the
+# reference set; http://127.0.0.1:8000/ until Ctrl+C.
+serve: $(STAMP)
+	@test -f demo_output/classifier/run/best.pth || { echo "no demo classifier yet: run make demo first"; exit 2; }
+	$(VENV)/bin/dinov2-serve --model demo_output/classifier/run/best.pth --reference demo_output/classifier/split/TRN
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
