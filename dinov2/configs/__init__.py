@@ -4,6 +4,10 @@
 of Meta's DINOv2 helpers; `resolve_config_path` lets a user pass either a file path or the name of a
 packaged config (with or without `.yaml`), so `--config-file train/vitl_cellsim_register` works from
 any directory.
+
+A config file may name the file it builds on with a top-level `_base_:` key (a path relative to the
+file, a path, or a packaged name); the base is loaded first (recursively) and the file's own keys are
+merged over it, so an override file holds only what differs. `_base_` never reaches the merged config.
 """
 
 from pathlib import Path
@@ -41,9 +45,42 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     )
 
 
-def load_config(config_name: str) -> DictConfig:
-    """Load one YAML config (path or packaged name) without merging it over the defaults."""
-    return OmegaConf.load(resolve_config_path(config_name))
+BASE_KEY = "_base_"
+
+
+def _resolve_base(base: str, including_file: Path) -> Path:
+    """A `_base_` value: relative to the file that names it first, then a path or packaged name."""
+    relative = (including_file.parent / base).expanduser()
+    for candidate in (relative, relative.with_name(relative.name + ".yaml")):
+        if candidate.is_file():
+            return candidate
+    try:
+        return resolve_config_path(base)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{including_file}: {BASE_KEY} {base!r} not found (looked next to the file, as a path and "
+            f"as a packaged config; packaged configs: {', '.join(packaged_config_names())})"
+        ) from None
+
+
+def load_config(config_name: str | Path) -> DictConfig:
+    """Load one YAML config (path or packaged name), with its `_base_` chain merged in, without
+    merging it over the defaults."""
+    return _load_with_bases(resolve_config_path(config_name), chain=())
+
+
+def _load_with_bases(path: Path, chain: tuple[Path, ...]) -> DictConfig:
+    path = path.resolve()
+    if path in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, path))
+        raise ValueError(f"{BASE_KEY} cycle in config files: {cycle}")
+    cfg = OmegaConf.load(path)
+    if not isinstance(cfg, DictConfig) or BASE_KEY not in cfg:
+        return cfg
+    base = cfg.pop(BASE_KEY)
+    if not isinstance(base, str) or not base:
+        raise ValueError(f"{path}: {BASE_KEY} must be a config path or packaged name, got {base!r}")
+    return OmegaConf.merge(_load_with_bases(_resolve_base(base, path), (*chain, path)), cfg)
 
 
 def default_config_path() -> Path:

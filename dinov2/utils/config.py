@@ -252,15 +252,25 @@ def check_values(cfg: DictConfig) -> list[str]:
         "optim.min_lr", "optim.weight_decay", "optim.weight_decay_end", "optim.clip_grad",
         "optim.patch_embed_lr_mult", "teacher.warmup_teacher_temp_epochs", "dino.loss_weight",
         "dino.koleo_loss_weight", "ibot.loss_weight", "crops.stain_jitter",
+        "crops.color_augmentation.brightness", "crops.color_augmentation.contrast",
+        "crops.color_augmentation.saturation",
     ):  # fmt: skip
         need(dotted, get(dotted) >= 0, "must be >= 0")
     for dotted in ("teacher.warmup_teacher_temp", "teacher.teacher_temp"):
         need(dotted, get(dotted) > 0, "must be > 0")
     for dotted in ("teacher.momentum_teacher", "teacher.final_momentum_teacher",
-                   "ibot.mask_sample_probability", "train.max_failed_fraction"):  # fmt: skip
+                   "ibot.mask_sample_probability", "train.max_failed_fraction",
+                   "crops.color_augmentation.prob", "crops.color_augmentation.grayscale_prob",
+                   "crops.color_augmentation.solarize_prob"):  # fmt: skip
         need(dotted, 0 <= get(dotted) <= 1, "must be in [0, 1]")
     for dotted in ("optim.adamw_beta1", "optim.adamw_beta2", "student.drop_path_rate"):
         need(dotted, 0 <= get(dotted) < 1, "must be in [0, 1)")
+    need(
+        "crops.color_augmentation.hue", 0 <= get("crops.color_augmentation.hue") <= 0.5, "must be in [0, 0.5]"
+    )
+    blur = get("crops.blur_prob")
+    need("crops.blur_prob", len(blur) == 3 and all(0 <= p <= 1 for p in blur),
+         "must be 3 probabilities [global crop 1, global crop 2, local crops]")  # fmt: skip
     need("optim.layerwise_decay", 0 < get("optim.layerwise_decay") <= 1, "must be in (0, 1]")
     need("optim.warmup_epochs", get("optim.warmup_epochs") <= get("optim.epochs"),
          f"must be <= optim.epochs ({get('optim.epochs')})")  # fmt: skip
@@ -349,7 +359,10 @@ def build_config(
     layers = []
     problems: list[str] = []
     if config_file is not None:
-        user = load_config(str(config_file))
+        try:
+            user = load_config(str(config_file))
+        except ValueError as e:  # a bad or cyclic _base_ chain
+            raise ConfigError(str(e)) from None
         problems += check_keys_and_types(plain_defaults, OmegaConf.to_container(user), str(config_file))
         layers.append(user)
     cli = _parse_opts(opts)

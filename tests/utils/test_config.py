@@ -238,3 +238,56 @@ def test_pbc_config_is_the_tiny_config(repo_root, dirs):
     assert pbc["optim"].pop("epochs") == 5
     tiny["optim"].pop("epochs")
     assert pbc == tiny
+
+
+def test_base_chain_merges_relative_and_packaged_bases(tmp_path, dirs):
+    data, out = dirs
+    _write(tmp_path, "_base_: train/vit_tiny_cpu\noptim:\n  epochs: 9\n  base_lr: 0.002\n", "mid.yaml")
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    leaf = _write(
+        sub, "_base_: ../mid.yaml\noptim:\n  base_lr: 0.001\nstudent:\n  patch_size: 8\n", "leaf.yaml"
+    )
+    cfg = build_config(leaf, [f"train.dataset_path={data}"], out)
+    tiny = build_config("train/vit_tiny_cpu", [f"train.dataset_path={data}"], out)
+    assert cfg.optim.epochs == 9  # from the middle file
+    assert cfg.optim.base_lr == 0.001  # the leaf wins over its base
+    assert cfg.student.patch_size == 8
+    assert cfg.student.embed_dim == tiny.student.embed_dim == 128  # from the packaged root
+    assert "_base_" not in cfg
+
+
+def test_base_errors_name_the_file(tmp_path, dirs):
+    data, out = dirs
+    missing = _write(tmp_path, "_base_: nowhere.yaml\n", "missing.yaml")
+    with pytest.raises(FileNotFoundError, match=r"missing\.yaml: _base_ 'nowhere\.yaml' not found"):
+        build_config(missing, [f"train.dataset_path={data}"], out)
+    _write(tmp_path, "_base_: b.yaml\n", "a.yaml")
+    _write(tmp_path, "_base_: a.yaml\n", "b.yaml")
+    assert "cycle" in _error(tmp_path / "a.yaml", [f"train.dataset_path={data}"], out)
+    typo = _write(tmp_path, "_base_: train/vit_tiny_cpu\noptim:\n  epoch: 3\n", "typo.yaml")
+    assert "optim.epochs" in _error(typo, [f"train.dataset_path={data}"], out)  # unknown keys still caught
+
+
+def test_pbc_configs_are_small_overrides(repo_root):
+    """The PBC configs name their base instead of copying it (a few lines each)."""
+    for name in ("pbc_vit_tiny_cpu.yaml", "pbc_cpu_recipe.yaml"):
+        text = (repo_root / "configs" / name).read_text()
+        assert "_base_:" in text
+        keys = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+        assert len(keys) <= 30, f"{name} has {len(keys)} key lines"
+
+
+def test_colour_augmentation_keys_are_validated(dirs):
+    data, out = dirs
+    bad = [
+        "crops.color_augmentation.hue=0.7",
+        "crops.blur_prob=[1.0,0.5]",
+        "crops.color_augmentation.grayscale_prob=2",
+    ]
+    msg = _error(None, [f"train.dataset_path={data}", *bad], out)
+    assert "crops.color_augmentation.hue: must be in [0, 0.5]" in msg
+    assert "crops.blur_prob: must be 3 probabilities" in msg
+    assert "crops.color_augmentation.grayscale_prob: must be in [0, 1]" in msg
+    typo = _error(None, [f"train.dataset_path={data}", "crops.color_augmentation.hues=0"], out)
+    assert "crops.color_augmentation.hue" in typo
