@@ -250,6 +250,42 @@ def image_to_uint8_chw(image: PIL.Image.Image | torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+@dataclass(frozen=True)
+class ColorAugmentation:
+    """The photometric augmentations of the multi-crop recipe (defaults: DINOv2's).
+
+    In stained blood smears colour is evidence (eosinophil granules are orange, basophil granules
+    purple, a lymphocyte's cytoplasm pale blue), so a cell recipe may weaken or disable the ops that
+    erase it (hue, saturation, grayscale); `crops.color_augmentation` in the training config sets these.
+    """
+
+    prob: float = 0.8
+    """Probability of applying ColorJitter to a crop."""
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_prob: float = 0.2
+    """Probability of converting a crop to grey."""
+    solarize_prob: float = 0.2
+    """Probability of solarising the second global crop (the only one DINOv2 solarises)."""
+
+    def __post_init__(self) -> None:
+        for name in ("prob", "grayscale_prob", "solarize_prob"):
+            _check_probability(getattr(self, name), f"color_augmentation.{name}")
+
+    def crop_fields(self) -> dict:
+        """The CropRecipe fields shared by every crop (solarisation is global crop 2's alone)."""
+        return dict(
+            color_jitter_p=self.prob,
+            brightness=self.brightness,
+            contrast=self.contrast,
+            saturation=self.saturation,
+            hue=self.hue,
+            grayscale_p=self.grayscale_prob,
+        )
+
+
 class DataAugmentationDINO:
     """DINOv2's multi-crop augmentation (see the module docstring for the recipe).
 
@@ -260,6 +296,9 @@ class DataAugmentationDINO:
         global_crops_size: global crop side in pixels.
         local_crops_size: local crop side in pixels.
         stain_jitter: strength of the Giemsa stain jitter applied to every crop; 0 disables.
+        color_augmentation: colour jitter, grayscale and solarisation (default: DINOv2's values).
+        blur_prob: probability of a Gaussian blur on global crop 1, global crop 2 and each local crop
+            (DINOv2's paper: 1.0, 0.1, 0.5).
 
     Calling it on a PIL RGB image (or a uint8 tensor [3, H, W]) returns a dict with
     `global_crops` (2 float tensors [3, G, G]), `global_crops_teacher` (the same 2 tensors),
@@ -280,6 +319,8 @@ class DataAugmentationDINO:
         global_crops_size: int = 224,
         local_crops_size: int = 96,
         stain_jitter: float = 0.0,
+        color_augmentation: ColorAugmentation | None = None,
+        blur_prob: Sequence[float] = (1.0, 0.1, 0.5),
     ):
         if not isinstance(local_crops_number, int) or local_crops_number < 0:
             raise ValueError(f"local_crops_number must be an int >= 0, got {local_crops_number!r}")
@@ -289,20 +330,26 @@ class DataAugmentationDINO:
         self.global_crops_size = global_crops_size
         self.local_crops_size = local_crops_size
         self.stain_jitter = float(stain_jitter)
+        self.color = color_augmentation if color_augmentation is not None else ColorAugmentation()
+        self.blur_prob = tuple(float(p) for p in blur_prob)
+        if len(self.blur_prob) != 3:
+            raise ValueError(
+                f"blur_prob must be 3 probabilities (global 1, global 2, local), got {blur_prob!r}"
+            )
+        blur_global_1, blur_global_2, blur_local = self.blur_prob
+        common = dict(stain_jitter=self.stain_jitter, **self.color.crop_fields())
         self.global_recipe_1 = CropRecipe(
-            global_crops_size, self.global_crops_scale, blur_p=1.0, stain_jitter=self.stain_jitter
+            global_crops_size, self.global_crops_scale, blur_p=blur_global_1, **common
         )
         self.global_recipe_2 = CropRecipe(
             global_crops_size,
             self.global_crops_scale,
-            blur_p=0.1,
-            solarize_p=0.2,
-            stain_jitter=self.stain_jitter,
+            blur_p=blur_global_2,
+            solarize_p=self.color.solarize_prob,
+            **common,
         )
         self.normalize = T.ChannelNormalize(T.IMAGENET_DEFAULT_MEAN, T.IMAGENET_DEFAULT_STD)
-        self.local_recipe = CropRecipe(
-            local_crops_size, self.local_crops_scale, blur_p=0.5, stain_jitter=self.stain_jitter
-        )
+        self.local_recipe = CropRecipe(local_crops_size, self.local_crops_scale, blur_p=blur_local, **common)
 
     @property
     def recipes(self) -> list[CropRecipe]:
@@ -332,5 +379,5 @@ class DataAugmentationDINO:
             f"{type(self).__name__}(global_crops_scale={self.global_crops_scale}, "
             f"local_crops_scale={self.local_crops_scale}, local_crops_number={self.local_crops_number}, "
             f"global_crops_size={self.global_crops_size}, local_crops_size={self.local_crops_size}, "
-            f"stain_jitter={self.stain_jitter})"
+            f"stain_jitter={self.stain_jitter}, color_augmentation={self.color}, blur_prob={self.blur_prob})"
         )

@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.state_dict import (  # noqa: E402
     set_optimizer_state_dict,
 )
 
-from dinov2.data.augmentations import DataAugmentationDINO  # noqa: E402
+from dinov2.data.augmentations import ColorAugmentation, DataAugmentationDINO  # noqa: E402
 from dinov2.data.collate import collate_data_and_cast  # noqa: E402
 from dinov2.data.loaders import make_data_loader, make_train_dataset  # noqa: E402
 from dinov2.data.masking import MaskingGenerator  # noqa: E402
@@ -114,6 +114,8 @@ def build_data(cfg: DictConfig, info: distributed.DistributedInfo, start_positio
         global_crops_size=cfg.crops.global_crops_size,
         local_crops_size=cfg.crops.local_crops_size,
         stain_jitter=cfg.crops.stain_jitter,
+        color_augmentation=ColorAugmentation(**cfg.crops.color_augmentation),
+        blur_prob=tuple(cfg.crops.blur_prob),
     )
     dataset = make_train_dataset(cfg.train, augmentation)
     grid = cfg.crops.global_crops_size // cfg.student.patch_size

@@ -15,6 +15,7 @@ from torchvision.transforms.v2 import functional as F2
 from dinov2.data import transforms as T
 from dinov2.data.augmentations import (
     UNIFORMS_PER_CROP,
+    ColorAugmentation,
     CropParams,
     CropRecipe,
     DataAugmentationDINO,
@@ -346,3 +347,64 @@ def test_whole_recipe_matches_torchvision_pil_pipeline_statistically():
         for name in ours_f:
             pvalue = stats.ks_2samp(ours_f[name], theirs_f[name]).pvalue
             assert pvalue > 1e-3, (recipe.blur_p, recipe.solarize_p, name, pvalue)
+
+
+def test_colour_preserving_recipe_keeps_stain_colour():
+    """With hue, saturation and grayscale off, every crop of a flat-coloured image keeps its hue:
+    brightness and contrast only scale (and shift towards grey) the RGB values, so the ratios of the
+    channel deviations from the crop's grey level stay those of the source colour."""
+    colour = torch.tensor([150.0, 90.0, 45.0])  # an eosinophil-granule orange, dark enough not to clip
+    image = colour.to(torch.uint8).view(3, 1, 1).expand(3, 96, 96).contiguous()
+    keep = ColorAugmentation(prob=1.0, brightness=0.3, contrast=0.3, saturation=0.0, hue=0.0,
+                             grayscale_prob=0.0, solarize_prob=0.0)  # fmt: skip
+    aug = DataAugmentationDINO(
+        (0.3, 1.0), (0.1, 0.3), 2, 48, 24, color_augmentation=keep, blur_prob=(0, 0, 0)
+    )
+    torch.manual_seed(3)
+    for _ in range(20):
+        for crop in (c for k in ("global_crops", "local_crops") for c in aug(image)[k]):
+            rgb = _denormalize(crop).mean(dim=(1, 2)) * 255
+            # saturation(0.0 factor range [1, 1]) and hue 0 are identities; the gap R-G : G-B holds.
+            gaps = rgb[:2] - rgb[1:]
+            expected = colour[:2] - colour[1:]
+            assert gaps[0] / gaps[1] == pytest.approx(float(expected[0] / expected[1]), rel=2e-3)
+
+    # DINOv2's default recipe does change hue (and sometimes drops colour altogether).
+    default = DataAugmentationDINO((0.3, 1.0), (0.1, 0.3), 2, 48, 24, blur_prob=(0, 0, 0))
+    torch.manual_seed(3)
+    ratios = []
+    for _ in range(20):
+        rgb = _denormalize(default(image)["global_crops"][0]).mean(dim=(1, 2)) * 255
+        gaps = rgb[:2] - rgb[1:]
+        ratios.append(float(gaps[0] / gaps[1]) if abs(gaps[1]) > 1e-3 else float("nan"))
+    assert any(math.isnan(r) or abs(r - 60 / 45) > 0.05 for r in ratios)
+
+
+def test_colour_and_blur_probabilities_reach_every_recipe():
+    colour = ColorAugmentation(prob=0.3, brightness=0.1, contrast=0.2, saturation=0.0, hue=0.0,
+                               grayscale_prob=0.05, solarize_prob=0.0)  # fmt: skip
+    aug = DataAugmentationDINO(
+        (0.32, 1.0), (0.05, 0.32), 2, color_augmentation=colour, blur_prob=(0.5, 0.2, 0.0)
+    )
+    g1, g2, local = aug.recipes[:3]
+    assert [r.blur_p for r in (g1, g2, local)] == [0.5, 0.2, 0.0]
+    assert [r.solarize_p for r in (g1, g2, local)] == [0.0, 0.0, 0.0]
+    for r in (g1, g2, local):
+        assert (r.color_jitter_p, r.brightness, r.contrast, r.saturation, r.hue, r.grayscale_p) == (
+            0.3, 0.1, 0.2, 0.0, 0.0, 0.05)  # fmt: skip
+    n = 4000
+    params = _draw_params(g1, n)
+    assert _binomial_ok(sum(p.jitter is not None for p in params), n, 0.3)
+    assert _binomial_ok(sum(p.grayscale for p in params), n, 0.05)
+    # The defaults are DINOv2's.
+    plain = DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), 1)
+    assert [r.blur_p for r in plain.recipes] == [1.0, 0.1, 0.5]
+    assert (plain.recipes[0].saturation, plain.recipes[0].hue, plain.recipes[0].grayscale_p) == (
+        0.2,
+        0.1,
+        0.2,
+    )
+    with pytest.raises(ValueError, match="blur_prob"):
+        DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), 1, blur_prob=(1.0, 0.5))
+    with pytest.raises(ValueError, match="grayscale_prob"):
+        ColorAugmentation(grayscale_prob=1.5)
