@@ -16,6 +16,7 @@ import logging
 import math
 import resource
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,7 @@ class MetricsLogger:
     def log(self, iteration: int, metrics: dict[str, Any], seconds_per_iteration: float | None = None) -> str:
         """Record `metrics` for `iteration` (1-based count of completed iterations); return the human line."""
         record = {"iteration": iteration, **{k: _jsonable(v) for k, v in metrics.items()}}
+        record.setdefault("wall_time", round(time.time(), 3))  # seconds since the epoch: curves vs minutes
         remaining = self.total_iterations - iteration
         eta = format_eta(remaining * seconds_per_iteration) if seconds_per_iteration else "?"
         record["eta_seconds"] = round(remaining * seconds_per_iteration, 1) if seconds_per_iteration else None
