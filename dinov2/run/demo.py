@@ -9,6 +9,7 @@ Stages, each announced on one status line and each reused on a second run unless
                (1-NN, 20-NN, linear probe), confusion matrices
   6. pictures  UMAP coloured by class and with thumbnails; CLS / register attention maps
   7. report    report.md embedding the tables and pictures, with data, model, time and hardware
+  8. classify  a linear head on the teacher (cached features) and the `dinov2-serve` command for it
 Everything lands in `--output-dir` (default demo_output/).
 """
 
@@ -306,6 +307,19 @@ def run_demo(settings: DemoSettings) -> Path:
     for name, s in summary.items():
         row = "20-NN"
         print(f"  {name:<12} 20-NN balanced accuracy {100 * s[row]['balanced_accuracy']['mean']:.1f} %")
+    from dinov2.run.demo_classifier import train_demo_classifier
+
+    servable = train_demo_classifier(
+        root,
+        settings.output_dir / "teacher_backbone.safetensors",
+        settings.output_dir / "classifier",
+        image_size=settings.eval_image_size,
+        max_per_class=settings.max_per_class,
+        seed=settings.seed,
+        force=settings.force,
+        log=lambda message: status("classify", message),
+    )
+    status("serve", f"the web app: {servable.command}   (or: make serve)")
     return report
 
 
