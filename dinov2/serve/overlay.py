@@ -61,7 +61,9 @@ def blend_heatmap(
 def png_data_url(image: np.ndarray) -> str:
     """uint8 [H, W, 3] -> ``data:image/png;base64,...``."""
     buffer = io.BytesIO()
-    Image.fromarray(image, mode="RGB").save(buffer, format="PNG")
+    # Level 1: half the encoding time of the default 6 for ~15 % more bytes on cell crops; every
+    # image of a request gets 1 + R overlays, so encoding is a visible share of the latency.
+    Image.fromarray(image, mode="RGB").save(buffer, format="PNG", compress_level=1)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
