@@ -173,3 +173,16 @@ def test_upload_through_the_page_shows_cards_and_downloads_the_csv(driver, train
         shot.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(
             SCREENSHOT, optimize=True
         )
+
+
+def test_install_script_says_why_it_cannot_install(tmp_path):
+    env = {"PATH": str(tmp_path), "DINOV2_CHROMIUM": str(tmp_path / "no-chromium")}  # no apt-get on PATH
+    run = subprocess.run(
+        ["/bin/bash", str(INSTALL_SCRIPT)], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert run.returncode == 3
+    assert "cannot install the browser: apt-get not found" in run.stderr
+    run = subprocess.run(
+        ["/bin/bash", str(INSTALL_SCRIPT), "extra"], capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 2 and "usage" in run.stderr
