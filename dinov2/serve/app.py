@@ -128,7 +128,7 @@ def create_app(
 
     @app.get("/api/health")
     def health() -> dict:
-        return {**service.health(), "max_upload_mb": max_upload_mb}
+        return {**service.health(), "max_upload_mb": max_upload_mb, "max_files": max_files}
 
     @app.post("/api/predict")
     async def predict(request: Request) -> JSONResponse:

@@ -11,7 +11,7 @@ import threading
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from upload_files import decompression_bomb_png, truncated
+from serve_helpers import decompression_bomb_png, truncated
 
 from dinov2.eval.infer import main as infer_main
 from dinov2.eval.infer import predict as infer_predict
@@ -54,7 +54,7 @@ def test_health(client, service, trained):
     assert body["device"] == "cpu"
     assert body["reference_size"] == len(list(trained.reference.rglob("*.jpg"))) == 18
     assert body["backbone"].startswith("ViT/8 (width 32, depth 2, 2 registers")
-    assert body["max_upload_mb"] == 20
+    assert body["max_upload_mb"] == 20 and body["max_files"] == 256
 
 
 def test_predict_agrees_with_dinov2_infer(client, trained):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from upload_files import decompression_bomb_png, truncated
+from serve_helpers import decompression_bomb_png, truncated
 
 from dinov2.eval.attention_maps import compute_attention_maps
 from dinov2.eval.classifier import load_classifier

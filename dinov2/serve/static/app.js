@@ -170,32 +170,51 @@ function formData(files) {
   return data;
 }
 
+// Files go to the server in requests of at most this many (and never more than its --max-files),
+// so a large drop shows progress and stays under the per-request limits.
+const CHUNK = 16;
+
+function chunks(files) {
+  const size = Math.max(1, Math.min(CHUNK, state.health ? state.health.max_files : CHUNK));
+  const out = [];
+  for (let i = 0; i < files.length; i += size) out.push(files.slice(i, i + size));
+  return out;
+}
+
 async function classify(fileList) {
   const files = Array.from(fileList);
   if (!files.length) return;
   const limit = state.health ? state.health.max_upload_mb * 1024 * 1024 : Infinity;
-  const tooLarge = files.filter((f) => f.size > limit);
-  const accepted = files.filter((f) => f.size <= limit);
-  for (const f of tooLarge) {
-    const mb = (f.size / 1024 / 1024).toFixed(1);
-    show({ filename: f.name, error: `${mb} MB, over the ${state.health.max_upload_mb} MB upload limit` }, f);
+  const accepted = [];
+  for (const f of files) {
+    if (f.size > limit) {
+      const mb = (f.size / 1024 / 1024).toFixed(1);
+      show({ filename: f.name, error: `${mb} MB, over the ${state.health.max_upload_mb} MB upload limit` }, f);
+    } else {
+      accepted.push(f);
+    }
   }
   if (!accepted.length) return;
-  setStatus(`Classifying ${accepted.length} image${accepted.length > 1 ? "s" : ""}…`);
   const started = performance.now();
+  let done = 0;
+  let failed = 0;
   try {
-    const response = await fetch("/api/predict", { method: "POST", body: formData(accepted) });
-    if (!response.ok) throw new Error(await errorText(response));
-    const results = await response.json();
-    results.forEach((result, i) => {
-      state.files.push(accepted[i]);
-      show(result, accepted[i]);
-    });
+    for (const part of chunks(accepted)) {
+      setStatus(`Classifying ${done + 1}-${done + part.length} of ${accepted.length}…`);
+      const response = await fetch("/api/predict", { method: "POST", body: formData(part) });
+      if (!response.ok) throw new Error(await errorText(response));
+      const results = await response.json();
+      results.forEach((result, i) => {
+        state.files.push(part[i]);
+        show(result, part[i]);
+        if (result.error) failed += 1;
+      });
+      done += part.length;
+    }
     const seconds = ((performance.now() - started) / 1000).toFixed(2);
-    const failed = results.filter((r) => r.error).length;
-    setStatus(`${results.length} file(s) in ${seconds} s${failed ? `, ${failed} could not be read` : ""}.`);
+    setStatus(`${done} file(s) in ${seconds} s${failed ? `, ${failed} could not be read` : ""}.`);
   } catch (err) {
-    setStatus(`Upload refused: ${err.message}`, true);
+    setStatus(`Upload refused after ${done} file(s): ${err.message}`, true);
   }
 }
 
@@ -203,9 +222,15 @@ async function downloadCsv() {
   if (!state.files.length) return;
   setStatus("Preparing the CSV…");
   try {
-    const response = await fetch("/api/predict.csv", { method: "POST", body: formData(state.files) });
-    if (!response.ok) throw new Error(await errorText(response));
-    const url = URL.createObjectURL(await response.blob());
+    // One CSV from several requests: the header once, then every request's rows in order.
+    let text = "";
+    for (const part of chunks(state.files)) {
+      const response = await fetch("/api/predict.csv", { method: "POST", body: formData(part) });
+      if (!response.ok) throw new Error(await errorText(response));
+      const body = await response.text();
+      text += text ? body.slice(body.indexOf("\r\n") + 2) : body;
+    }
+    const url = URL.createObjectURL(new Blob([text], { type: "text/csv" }));
     const link = el("a");
     link.href = url;
     link.download = "predictions.csv";
@@ -213,7 +238,7 @@ async function downloadCsv() {
     link.click();
     link.remove();
     setTimeout(() => URL.revokeObjectURL(url), 10000);
-    setStatus(`CSV of ${state.files.length} file(s) downloaded.`);
+    setStatus(`CSV of the ${state.files.length} file(s) sent to the server downloaded.`);
   } catch (err) {
     setStatus(`CSV failed: ${err.message}`, true);
   }

@@ -5,7 +5,7 @@ import signal
 
 import httpx
 import pytest
-from conftest import running_server
+from serve_helpers import running_server
 
 from dinov2.run.serve import default_cache_dir, main
 
