@@ -167,7 +167,33 @@ def main(argv: list[str] | None = None) -> list[CurvePoint]:
                   seed=args.seed, batch_size=args.batch_size, progress=progress)  # fmt: skip
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
 
+    # Scores already computed with these settings are reused, so re-running the script while a run
+    # goes on only scores its new exports.
+    names = ("data", "max_per_class", "folds", "k", "pooling", "n_last_blocks", "linear_pooling",
+             "linear_n_last_blocks", "seed")  # fmt: skip
+    settings = {k: getattr(args, k) for k in names}
+    settings["image_size"] = image_size
+    scored_path = out_dir / "scored.jsonl"
+    scored = {}
+    if scored_path.is_file():
+        for line in scored_path.read_text().splitlines():
+            entry = json.loads(line)
+            scored[entry["key"]] = entry["point"]
+
     def evaluate(name, backbone, iteration, minutes, baseline=False) -> CurvePoint:
+        stamp = os.stat(backbone).st_mtime if isinstance(backbone, str) and os.path.isfile(backbone) else None
+        key = json.dumps([name, iteration, stamp, settings], sort_keys=True, default=str)
+        if key in scored:
+            point = CurvePoint(**{**scored[key], "minutes": minutes})
+            print(f"{name:>18} it {iteration!s:>6}  {args.k}-NN {point.knn_balanced_accuracy:5.1f}  "
+                  f"linear {point.linear_balanced_accuracy:5.1f}  (scored before)", flush=True)  # fmt: skip
+            return point
+        point = _evaluate(name, backbone, iteration, minutes, baseline)
+        with open(scored_path, "a") as f:
+            f.write(json.dumps({"key": key, "point": point.__dict__}) + "\n")
+        return point
+
+    def _evaluate(name, backbone, iteration, minutes, baseline=False) -> CurvePoint:
         t0 = time.perf_counter()
         knn_desc = "colorstats" if baseline else f"{args.pooling} x{args.n_last_blocks}"
         lin_desc = "colorstats" if baseline else f"{lin_pool} x{lin_blocks}"

@@ -1,0 +1,189 @@
+"""What matters in the PBC CPU recipe: one knob changed per row, at a fixed shorter budget.
+
+Each row trains `--config` (default configs/pbc_cpu_recipe.yaml) with its schedule compressed to
+`--iterations` (warm-up included; every schedule ends where the recipe's would), plus the row's
+overrides, then scores the final teacher on the same stratified subset and folds: 20-NN and the
+linear probe of `dinov2-eval cv` (balanced accuracy, %). Runs live in OUT/<row>/ and a finished row
+is not trained again, so the table can be filled over several sessions (`--rows` picks rows).
+Writes OUT/ablation.csv and OUT/ablation.md and prints the table with the wall time of each row.
+
+    nice python benchmarks/bench_ablation.py --data ../shared/data/pbc_128 --output-dir /tmp/ablation \\
+        --iterations 1000 --max-per-class 200
+    python benchmarks/bench_ablation.py ... --rows recipe,patch16 --list
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# (row name, what changes, overrides). The first row is the recipe itself.
+ROWS: list[tuple[str, str, list[str]]] = [
+    ("recipe", "configs/pbc_cpu_recipe.yaml as is", []),
+    ("patch16", "patch 16 (4 x 4 patches per global crop)", ["student.patch_size=16"]),
+    ("global_scale_0.14", "global crop scale [0.14, 1]", ["crops.global_crops_scale=[0.14,1.0]"]),
+    ("no_local_crops", "no local crops", ["crops.local_crops_number=0"]),
+    ("no_ibot", "iBOT off", ["ibot.loss_weight=0"]),
+    ("no_koleo", "KoLeo off", ["dino.koleo_loss_weight=0"]),
+    ("no_registers", "0 registers (recipe: 4)", ["student.num_register_tokens=0"]),
+    ("sinkhorn", "Sinkhorn-Knopp centering", ["train.centering=sinkhorn_knopp"]),
+    (
+        "prototypes_1024",
+        "1024 prototypes (recipe: 256)",
+        ["dino.head_n_prototypes=1024", "ibot.head_n_prototypes=1024"],
+    ),  # fmt: skip
+    ("momentum_0.95", "teacher momentum 0.95 (the tiny config's)", ["teacher.momentum_teacher=0.95"]),
+    (
+        "teacher_temp_0.07",
+        "teacher temperature 0.04 -> 0.07 over the first half",
+        ["teacher.teacher_temp=0.07", "teacher.warmup_teacher_temp_epochs=3"],
+    ),  # fmt: skip
+    (
+        "dinov2_colour",
+        "DINOv2's colour jitter (hue 0.1, saturation 0.2, grayscale 0.2)",
+        [
+            "crops.color_augmentation.hue=0.1",
+            "crops.color_augmentation.saturation=0.2",
+            "crops.color_augmentation.grayscale_prob=0.2",
+        ],
+    ),  # fmt: skip
+    ("lr_0.008", "base lr 0.008 (the tiny config's)", ["optim.base_lr=0.008"]),
+]
+
+
+def schedule_overrides(config: Path, iterations: int) -> list[str]:
+    """Compress the config's schedule to `iterations`: same number of epochs, shorter epochs."""
+    from dinov2.utils.config import build_config
+
+    cfg = build_config(config, [], None, check_paths=False)
+    epochs = int(cfg.optim.epochs)
+    epoch_len = max(1, math.ceil(iterations / epochs))
+    return [
+        f"train.OFFICIAL_EPOCH_LENGTH={epoch_len}",
+        f"train.checkpoint_period_iterations={epoch_len}",
+        f"evaluation.eval_period_iterations={epoch_len * epochs}",
+        f"train.collapse_check_period_iterations={max(1, epoch_len // 5)}",
+    ]
+
+
+def train_row(config: Path, data: str, run_dir: Path, overrides: list[str], threads: int) -> float:
+    """Train one row in a subprocess (its own RNG and thread settings); return wall seconds."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    cmd = [sys.executable, str(REPO / "dinov2" / "train" / "train.py"), "--config-file", str(config),
+           "--output-dir", str(run_dir), f"train.dataset_path={data}", *overrides]  # fmt: skip
+    t0 = time.perf_counter()
+    with open(run_dir.parent / f"{run_dir.name}.log", "a") as log:
+        code = subprocess.call(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if code != 0:
+        raise RuntimeError(f"training failed (exit {code}); see {run_dir.parent / (run_dir.name + '.log')}")
+    return time.perf_counter() - t0
+
+
+def score_row(run_dir: Path, data: str, max_per_class: int | None, folds: int, seed: int) -> dict:
+    from omegaconf import OmegaConf
+
+    from dinov2.eval.features import extract_features
+    from dinov2.eval.linear import LogisticRegressionConfig
+    from dinov2.eval.protocols import ClassifierConfig, cross_validate
+
+    exports = sorted((run_dir / "eval").glob("*/teacher_checkpoint.pth"), key=lambda p: int(p.parent.name))
+    size = int(OmegaConf.load(run_dir / "config.yaml").crops.global_crops_size)
+    fs = extract_features(str(exports[-1]), data, image_size=size, max_images_per_class=max_per_class,
+                          seed=seed, cache_dir=run_dir / "feature_cache", progress=False)  # fmt: skip
+    cfg = ClassifierConfig(ks=(20,), logreg=LogisticRegressionConfig(seed=seed))
+    summary = cross_validate(fs, n_folds=folds, seed=seed, classifiers=cfg, progress=False).summary()
+    return {
+        "iteration": int(exports[-1].parent.name),
+        "knn20": 100 * summary["20-NN"]["balanced_accuracy"]["mean"],
+        "linear": 100 * summary["Linear Probing"]["balanced_accuracy"]["mean"],
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, default=REPO / "configs" / "pbc_cpu_recipe.yaml")
+    p.add_argument("--data", required=True, help="PBC-style class-folder dataset (training ignores labels)")
+    p.add_argument("--output-dir", required=True, type=Path)
+    p.add_argument("--iterations", type=int, default=1000, help="budget of every row (default 1000)")
+    p.add_argument("--max-per-class", type=int, default=200, help="evaluation subset (default 200 per class)")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2, help="torch threads of each training run")
+    p.add_argument("--rows", default=None, help="comma-separated row names (default: all)")
+    p.add_argument("--list", action="store_true", help="list the rows and exit")
+    args = p.parse_args(argv)
+
+    if args.list:
+        for name, what, overrides in ROWS:
+            print(f"{name:>20}  {what}  {' '.join(overrides)}")
+        return
+    wanted = args.rows.split(",") if args.rows else [r[0] for r in ROWS]
+    unknown = sorted(set(wanted) - {r[0] for r in ROWS})
+    if unknown:
+        raise SystemExit(f"error: unknown rows {unknown}; --list shows them")
+    out = args.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    schedule = schedule_overrides(args.config, args.iterations)
+    results_path = out / "results.jsonl"
+    done = {}
+    if results_path.is_file():
+        for line in results_path.read_text().splitlines():
+            r = json.loads(line)
+            done[r["row"]] = r
+    print(f"{args.config.name}, {args.iterations} iterations per row, {args.folds}-fold CV on <= "
+          f"{args.max_per_class} images per class, balanced accuracy (%)", flush=True)  # fmt: skip
+    for name, what, overrides in ROWS:
+        if name not in wanted or name in done:
+            continue
+        run_dir = out / name
+        print(f"[{time.strftime('%H:%M:%S')}] {name}: {what} ...", flush=True)
+        try:
+            seconds = train_row(args.config, args.data, run_dir, [*schedule, *overrides], args.threads)
+            scores = score_row(run_dir, args.data, args.max_per_class, args.folds, args.seed)
+        except Exception as error:  # one broken row must not lose the others
+            print(f"  {name} failed: {error}", flush=True)
+            continue
+        record = {
+            "row": name,
+            "change": what,
+            "overrides": overrides,
+            "train_minutes": seconds / 60,
+            **scores,
+        }
+        with open(results_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        done[name] = record
+        print(
+            f"  20-NN {scores['knn20']:.1f}  linear {scores['linear']:.1f}  ({seconds / 60:.1f} min)",
+            flush=True,
+        )
+
+    rows = [done[r[0]] for r in ROWS if r[0] in done]
+    base = done.get("recipe")
+    with open(out / "ablation.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["row", "change", "knn20", "linear", "train_minutes", "iteration"])
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r[k] for k in w.fieldnames})
+    lines = ["| row | change | 20-NN | linear | train min |", "|---|---|---|---|---|"]
+    for r in rows:
+        delta = ""
+        if base is not None and r is not base:
+            delta = f" ({r['knn20'] - base['knn20']:+.1f} / {r['linear'] - base['linear']:+.1f})"
+        lines.append(f"| {r['row']} | {r['change']}{delta} | {r['knn20']:.1f} | {r['linear']:.1f} | "
+                     f"{r['train_minutes']:.1f} |")  # fmt: skip
+    (out / "ablation.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
