@@ -9,9 +9,13 @@ Three numbers computed on one batch of teacher outputs:
   every image has the same embedding. Random unit vectors in D dims give about 1/sqrt(D), so the
   warning compares `cls_std * sqrt(D)` with a threshold.
 Entropy and KL are also reported divided by log K (`*_frac`), which makes thresholds size-free.
+
+`CollapseStreak` counts consecutive checks that warned, so that a run can stop itself after N of them
+(`train.collapse_stop_after_warnings`) instead of training a collapsed model to the end.
 """
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -68,25 +72,96 @@ def collapse_metrics(teacher_probs: torch.Tensor, cls_tokens: torch.Tensor) -> d
     }
 
 
-def collapse_warnings(
+def _percent_digits(fraction: float) -> int:
+    """Decimals needed to print `fraction` as an exact percentage (0.995 -> 1: "99.5")."""
+    for digits in range(6):
+        if abs(round(fraction * 100, digits) - fraction * 100) < 1e-9:
+            return digits
+    return 6
+
+
+def _percentages(value: float, threshold: float) -> tuple[str, str]:
+    """(value, threshold) as percentages; the value gets one more decimal than the threshold needs,
+    so that a value just over a threshold never prints as the threshold itself."""
+    digits = _percent_digits(threshold)
+    return f"{value * 100:.{max(1, digits + 1)}f}%", f"{threshold * 100:.{digits}f}%"
+
+
+def collapse_warnings_by_metric(
     metrics: dict[str, float], thresholds: CollapseThresholds = CollapseThresholds()
-) -> list[str]:
-    """Human-readable reasons the metrics indicate collapse (empty when healthy)."""
-    reasons = []
+) -> dict[str, str]:
+    """{metric name: human-readable reason} for each metric past its threshold (empty when healthy).
+
+    The names are the keys of `collapse_metrics` that are compared: "teacher_entropy_frac",
+    "teacher_kl_frac" and "cls_std_ratio".
+    """
+    reasons = {}
     if metrics["teacher_entropy_frac"] > thresholds.max_entropy_frac:
-        reasons.append(
+        value, limit = _percentages(metrics["teacher_entropy_frac"], thresholds.max_entropy_frac)
+        reasons["teacher_entropy_frac"] = (
             f"teacher outputs are nearly uniform: entropy {metrics['teacher_entropy']:.3f} nats = "
-            f"{metrics['teacher_entropy_frac']:.1%} of log K (threshold {thresholds.max_entropy_frac:.0%})"
+            f"{value} of log K (threshold {limit})"
         )
     if metrics["teacher_kl_frac"] > thresholds.max_kl_frac:
-        reasons.append(
+        value, limit = _percentages(metrics["teacher_kl_frac"], thresholds.max_kl_frac)
+        reasons["teacher_kl_frac"] = (
             "one prototype dominates: KL(mean teacher output || uniform) "
-            f"{metrics['teacher_kl_to_uniform']:.3f} nats = {metrics['teacher_kl_frac']:.1%} of log K "
-            f"(threshold {thresholds.max_kl_frac:.0%})"
+            f"{metrics['teacher_kl_to_uniform']:.3f} nats = {value} of log K (threshold {limit})"
         )
     if metrics["cls_std_ratio"] < thresholds.min_cls_std_ratio:
-        reasons.append(
+        reasons["cls_std_ratio"] = (
             f"CLS embeddings barely differ across images: std {metrics['cls_std']:.2e} = "
             f"{metrics['cls_std_ratio']:.3f}/sqrt(D) (threshold {thresholds.min_cls_std_ratio}/sqrt(D))"
         )
     return reasons
+
+
+def collapse_warnings(
+    metrics: dict[str, float], thresholds: CollapseThresholds = CollapseThresholds()
+) -> list[str]:
+    """Human-readable reasons the metrics indicate collapse (empty when healthy)."""
+    return list(collapse_warnings_by_metric(metrics, thresholds).values())
+
+
+class CollapseStreak:
+    """Consecutive collapse checks that warned, and whether the run should stop.
+
+    Args:
+        stop_after: stop once this many consecutive checks warned; 0 never stops.
+
+    Usage (at every collapse check):
+        if streak.update(iteration, warned_metric_names):
+            raise SystemExit(f"collapse: {streak.describe()}")
+    """
+
+    def __init__(self, stop_after: int) -> None:
+        if stop_after < 0:
+            raise ValueError(f"stop_after must be >= 0 (0: never stop), got {stop_after}")
+        self.stop_after = stop_after
+        self.iterations: list[int] = []
+        """iterations of the checks in the current streak (empty: the last check was healthy)."""
+        self.metrics: list[str] = []
+        """names of the metrics that warned during the streak, in order of first appearance."""
+
+    def update(self, iteration: int, warned: Sequence[str]) -> bool:
+        """Record the check at `iteration` (`warned`: names of the metrics that warned, empty when
+        healthy); True when the run should stop now."""
+        if not warned:
+            self.iterations, self.metrics = [], []
+            return False
+        self.iterations.append(iteration)
+        self.metrics += [m for m in warned if m not in self.metrics]
+        return self.stop_after > 0 and len(self.iterations) >= self.stop_after
+
+    @property
+    def started(self) -> bool:
+        """True while the last check warned."""
+        return bool(self.iterations)
+
+    def describe(self) -> str:
+        """e.g. "3 consecutive checks warned (iterations 150, 200, 250) on cls_std_ratio"."""
+        its = ", ".join(str(i) for i in self.iterations)
+        return (
+            f"{len(self.iterations)} consecutive checks warned (iterations {its}) on "
+            f"{', '.join(self.metrics)}"
+        )

@@ -1,4 +1,5 @@
-"""Collapse-monitor metrics against hand computations (dinov2/train/collapse.py)."""
+"""Collapse-monitor metrics against hand computations, its messages and its stop rule
+(dinov2/train/collapse.py)."""
 
 import math
 
@@ -6,10 +7,12 @@ import pytest
 import torch
 
 from dinov2.train.collapse import (
+    CollapseStreak,
     CollapseThresholds,
     cls_embedding_std,
     collapse_metrics,
     collapse_warnings,
+    collapse_warnings_by_metric,
     kl_to_uniform,
     mean_entropy,
 )
@@ -91,3 +94,59 @@ def test_bad_shapes_raise():
         collapse_metrics(torch.ones(1, 4) / 4, torch.ones(1, 3))
     with pytest.raises(ValueError, match=r"\[B, K\]"):
         collapse_metrics(torch.ones(4), torch.ones(4, 3))
+
+
+def _metrics(entropy_frac=0.5, kl_frac=0.1, cls_std_ratio=1.0, k=256, d=128):
+    log_k = math.log(k)
+    return {
+        "teacher_entropy": entropy_frac * log_k,
+        "teacher_entropy_frac": entropy_frac,
+        "teacher_kl_to_uniform": kl_frac * log_k,
+        "teacher_kl_frac": kl_frac,
+        "cls_std": cls_std_ratio / math.sqrt(d),
+        "cls_std_ratio": cls_std_ratio,
+    }
+
+
+def test_thresholds_print_with_the_digits_they_have():
+    # The tiny configs warn above 99.5 % of log K: the message used to say "99.8% ... (threshold 100%)".
+    thresholds = CollapseThresholds(max_entropy_frac=0.995, max_kl_frac=0.9, min_cls_std_ratio=0.05)
+    (reason,) = collapse_warnings(_metrics(entropy_frac=0.998), thresholds)
+    assert "= 99.80% of log K (threshold 99.5%)" in reason
+    assert f"entropy {0.998 * math.log(256):.3f} nats" in reason
+    # Just past the threshold, the value still prints differently from it.
+    (reason,) = collapse_warnings(_metrics(entropy_frac=0.9951), thresholds)
+    assert "99.51% of log K (threshold 99.5%)" in reason
+    (reason,) = collapse_warnings(_metrics(kl_frac=0.9312), thresholds)
+    assert "93.1% of log K (threshold 90%)" in reason
+    fine = CollapseThresholds(max_kl_frac=0.12345)
+    (reason,) = collapse_warnings(_metrics(kl_frac=0.2), fine)
+    assert "(threshold 12.345%)" in reason and "20.0000%" in reason
+
+
+def test_warnings_are_named_by_metric():
+    everything = _metrics(entropy_frac=0.99, kl_frac=0.95, cls_std_ratio=0.01)
+    assert list(collapse_warnings_by_metric(everything)) == [
+        "teacher_entropy_frac",
+        "teacher_kl_frac",
+        "cls_std_ratio",
+    ]
+    assert collapse_warnings_by_metric(_metrics()) == {}
+
+
+def test_streak_stops_after_n_consecutive_warning_checks():
+    streak = CollapseStreak(stop_after=3)
+    assert not streak.update(100, ["teacher_entropy_frac"])
+    assert not streak.update(150, ["teacher_entropy_frac", "cls_std_ratio"])
+    assert not streak.update(200, [])  # a healthy check ends the streak
+    assert not streak.started and streak.iterations == []
+    assert not streak.update(250, ["cls_std_ratio"])
+    assert not streak.update(300, ["teacher_kl_frac"])
+    assert streak.update(350, ["cls_std_ratio"])
+    assert streak.describe() == (
+        "3 consecutive checks warned (iterations 250, 300, 350) on cls_std_ratio, teacher_kl_frac"
+    )
+    never = CollapseStreak(stop_after=0)
+    assert not any(never.update(i, ["cls_std_ratio"]) for i in range(100))
+    with pytest.raises(ValueError, match="stop_after must be >= 0"):
+        CollapseStreak(stop_after=-1)
