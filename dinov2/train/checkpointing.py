@@ -9,7 +9,8 @@ loss centers), "optimizer", "iteration" (iterations completed), "sampler", "rng"
 rank), "grad_scaler", "world_size" and "config". Writes go to a temporary file in the same folder,
 are fsync'ed, then renamed over the final name, so a crash never leaves a partial file under a
 `model_*.pth` name; a file that is nonetheless unreadable (e.g. a truncated copy) is skipped with a
-warning when resuming.
+warning when resuming. A write that fails (disk full, no permission) raises `CheckpointWriteError`
+naming the file, after removing its temporary file; older checkpoints are untouched.
 """
 
 import logging
@@ -17,6 +18,7 @@ import os
 import random
 import re
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -29,28 +31,56 @@ CHECKPOINT_PATTERN = re.compile(r"^model_(\d{7,})\.pth$")
 REQUIRED_KEYS = ("model", "optimizer", "iteration")
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint or export could not be written (errno, strerror and filename of the cause)."""
+
+    @classmethod
+    def of(cls, cause: OSError, path: Path) -> "CheckpointWriteError":
+        """The error for `cause` (ENOSPC, EACCES, ...) while writing `path`."""
+        return cls(cause.errno, cause.strerror or str(cause), str(path))
+
+    def __str__(self) -> str:
+        # OSError's own text, also for a cause raised with a bare message (no errno): it names the file.
+        reason = self.strerror if self.errno is None else f"[Errno {self.errno}] {self.strerror}"
+        return f"{reason}: '{self.filename}'"
+
+
 def checkpoint_name(iteration: int) -> str:
     """File name of the checkpoint taken after `iteration` completed iterations."""
     return f"model_{iteration:07d}.pth"
 
 
+def checkpoint_iteration(path: str | Path) -> int:
+    """The iteration in a checkpoint file name (`model_0000050.pth` -> 50)."""
+    m = CHECKPOINT_PATTERN.match(Path(path).name)
+    if m is None:
+        raise ValueError(f"not a training checkpoint name (model_<iteration>.pth): {path}")
+    return int(m.group(1))
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """torch.save `obj` to `path` via a same-folder temp file, fsync and os.replace.
 
-    The final name only ever holds a complete file; the temp file is removed on failure.
+    The final name only ever holds a complete file; the temp file is removed on failure. An OSError
+    (ENOSPC, EACCES, ...) is raised again as CheckpointWriteError whose filename is `path`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise CheckpointWriteError.of(e, path) from e
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with _suppress_os_error():
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise CheckpointWriteError.of(e, path) from e
         raise
     # Make the rename itself durable.
     with _suppress_os_error():
@@ -110,12 +140,19 @@ def load_latest_valid(checkpoint_dir: str | Path) -> tuple[dict, Path] | None:
     return None
 
 
-def save_checkpoint(state: dict, checkpoint_dir: str | Path, keep: int) -> Path:
-    """Write `state` (with state["iteration"]) atomically and delete all but the newest `keep`."""
+def save_checkpoint(
+    state: dict, checkpoint_dir: str | Path, keep: int, protect: Collection[int] = ()
+) -> Path:
+    """Write `state` (with state["iteration"]) atomically and delete all but the newest `keep`.
+
+    Checkpoints whose iteration is in `protect` are never deleted (e.g. the last one before the
+    collapse monitor started warning); they do not count towards `keep`.
+    """
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
     path = atomic_torch_save(state, Path(checkpoint_dir) / checkpoint_name(int(state["iteration"])))
-    for _, old in list_checkpoints(checkpoint_dir)[:-keep]:
+    rotating = [(it, p) for it, p in list_checkpoints(checkpoint_dir) if it not in protect]
+    for _, old in rotating[:-keep]:
         with _suppress_os_error():
             old.unlink()
     return path

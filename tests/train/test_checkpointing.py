@@ -1,5 +1,7 @@
-"""Atomic checkpoint writes, retention, newest-valid resume, RNG capture (dinov2/train/checkpointing.py)."""
+"""Atomic checkpoint writes, write errors, retention, newest-valid resume, RNG capture
+(dinov2/train/checkpointing.py)."""
 
+import errno
 import logging
 import os
 import random
@@ -120,3 +122,47 @@ def test_export_teacher_layout(tmp_path):
 def test_keep_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="keep"):
         ckpt.save_checkpoint(_state(1), tmp_path, keep=0)
+
+
+def test_disk_full_raises_naming_the_file_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    ckpt.save_checkpoint(_state(2, 1.0), tmp_path, keep=3)
+    real_save = torch.save
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"PARTIAL")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(ckpt.CheckpointWriteError) as caught:
+        ckpt.save_checkpoint(_state(4, 2.0), tmp_path, keep=1)  # keep=1: nothing is pruned on failure
+    monkeypatch.setattr(torch, "save", real_save)
+    error = caught.value
+    assert isinstance(error, OSError) and error.errno == errno.ENOSPC
+    assert error.filename == str(tmp_path / "model_0000004.pth")
+    assert str(error) == f"[Errno 28] No space left on device: '{tmp_path / 'model_0000004.pth'}'"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_0000002.pth"]
+    loaded = torch.load(tmp_path / "model_0000002.pth", map_location="cpu", weights_only=True)
+    assert loaded["iteration"] == 2 and torch.equal(loaded["model"]["w"], torch.ones(4))
+
+
+def test_permission_error_names_the_file(tmp_path, monkeypatch):
+    # Root ignores file modes, so the refusal is simulated where the file would be created.
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path))
+
+    monkeypatch.setattr(ckpt.tempfile, "mkstemp", refuse)
+    target = tmp_path / "eval" / "7" / "teacher_checkpoint.pth"
+    with pytest.raises(ckpt.CheckpointWriteError, match="Permission denied") as caught:
+        ckpt.export_teacher({"w": torch.ones(2)}, tmp_path, 7)
+    assert caught.value.errno == errno.EACCES and caught.value.filename == str(target)
+
+
+def test_protected_checkpoints_survive_rotation(tmp_path):
+    for it in (2, 4, 6, 8):
+        ckpt.save_checkpoint(_state(it), tmp_path, keep=1, protect=(4,))
+    assert [it for it, _ in ckpt.list_checkpoints(tmp_path)] == [4, 8]
+    ckpt.save_checkpoint(_state(10), tmp_path, keep=1)  # protection lifted: rotation resumes
+    assert [it for it, _ in ckpt.list_checkpoints(tmp_path)] == [10]
+    assert ckpt.checkpoint_iteration(tmp_path / "model_0000010.pth") == 10
+    with pytest.raises(ValueError, match="not a training checkpoint name"):
+        ckpt.checkpoint_iteration("teacher_checkpoint.pth")
