@@ -18,6 +18,11 @@ SLURM signals every process of the job, DataLoader workers included: workers mus
 and SIGUSR2 (a `worker_init_fn` setting SIG_IGN), or torch's worker SIGTERM handler kills them and
 the main process fails before it can save.
 
+Ctrl-C (SIGINT) can be caught the same way, once: `PreemptionFlag(signals=(*DEFAULT_SIGNALS,
+signal.SIGINT))` records the first SIGINT like the others (the loop finishes its step, checkpoints
+and stops) and at once restores SIGINT's default action, so a second Ctrl-C ends the process
+immediately, even in the middle of a step or of a blocked collective, without a checkpoint.
+
 Flags stack: a flag installed over another flag's handler forwards what it records to the outer
 one, so a launcher can install a flag around `train.main()`, which installs its own, and still learn
 that a signal arrived.
@@ -57,7 +62,8 @@ class PreemptionFlag:
 
     Args:
         signals: signals to catch; SIGUSR2 is submitit's time-limit/preemption signal, SIGTERM the
-            one SLURM sends before killing a job (preemption, scancel, scontrol requeue).
+            one SLURM sends before killing a job (preemption, scancel, scontrol requeue). SIGINT,
+            when listed, is caught once (a second one has its default action: the process ends).
         install: install the handlers now (must run in the main thread); else call `install()`.
 
     Attributes:
@@ -71,6 +77,7 @@ class PreemptionFlag:
         self.signals: tuple[signal.Signals, ...] = tuple(signal.Signals(s) for s in signals)
         self.received: list[signal.Signals] = []
         self._previous: dict[signal.Signals, Handler] = {}
+        self._disarmed: set[signal.Signals] = set()  # caught once, now back to the default action
         if install:
             self.install()
 
@@ -99,26 +106,40 @@ class PreemptionFlag:
     def uninstall(self) -> None:
         """Put back the handlers that were installed before, where ours is still the active one."""
         for signum, previous in self._previous.items():
-            if signal.getsignal(signum) == self._handle:
+            current = signal.getsignal(signum)
+            if current == self._handle or (signum in self._disarmed and current == signal.SIG_DFL):
                 signal.signal(signum, signal.SIG_DFL if previous is None else previous)
             else:
                 logger.warning("preemption: handler for %s was replaced meanwhile; leaving it", signum.name)
         self._previous = {}
+        self._disarmed = set()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         # Runs between two bytecodes of the main thread: do nothing but record.
-        self._record(signal.Signals(signum))
+        signum = signal.Signals(signum)
+        if signum == signal.SIGINT:
+            # The kernel, not this interpreter, acts on the next Ctrl-C: it ends the process even
+            # while the main thread waits in C code (a collective, a long kernel).
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            self._disarmed.add(signum)
+            logger.warning("interrupted (Ctrl-C): finishing this step and saving a checkpoint; press "
+                           "Ctrl-C again to quit at once without one")  # fmt: skip
+        self._record(signum)
 
     def _record(self, signum: signal.Signals, forwarded: bool = False) -> None:
         if signum not in self.received:
             self.received.append(signum)
-            if not forwarded:
+            if not forwarded and signum != signal.SIGINT:  # SIGINT's handler says more
                 logger.warning("preemption: received %s, stopping at the next step boundary", signum.name)
         outer = _flag_of(self._previous.get(signum))
         if outer is not None:
             outer._record(signum, forwarded=True)
 
     # -- queries ----------------------------------------------------------------------------
+    def interrupted(self) -> bool:
+        """True when the stop was asked by Ctrl-C (SIGINT) only, not by a preemption signal."""
+        return bool(self.received) and all(s == signal.SIGINT for s in self.received)
+
     def is_set(self) -> bool:
         """True when this process caught one of the signals (local, no communication)."""
         return bool(self.received)

@@ -155,6 +155,40 @@ def test_default_previous_handler_is_reraised_after_the_checkpoint():
     assert proc.stdout.strip() == "saved checkpoint True"
 
 
+def test_sigint_is_caught_once_then_has_its_default_action():
+    # The first Ctrl-C is recorded like a preemption signal (the loop saves and stops); the second
+    # one must end the process at once, whatever the main thread is doing (here: blocked in sleep).
+    proc = _run_python(
+        """
+        import os, signal, time
+        from dinov2.train.preemption import DEFAULT_SIGNALS, PreemptionFlag
+        flag = PreemptionFlag(signals=(*DEFAULT_SIGNALS, signal.SIGINT))
+        os.kill(os.getpid(), signal.SIGINT)
+        print("first", flag.received == [signal.SIGINT], flag.interrupted(), flag.should_stop(), flush=True)
+        print("disarmed", signal.getsignal(signal.SIGINT) == signal.SIG_DFL, flush=True)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(30)
+        print("still alive", flush=True)
+        """,
+        timeout=25,
+    )
+    assert proc.returncode == -signal.SIGINT, proc.stderr
+    assert proc.stdout.split("\n")[:2] == ["first True True True", "disarmed True"]
+
+
+def test_sigint_flag_uninstall_restores_python_handler_and_preemption_wins():
+    previous = signal.getsignal(signal.SIGINT)
+    flag = PreemptionFlag(signals=(signal.SIGUSR2, signal.SIGTERM, signal.SIGINT))
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert flag.interrupted() and signal.getsignal(signal.SIGINT) == signal.SIG_DFL
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert not flag.interrupted()  # a preemption signal too: the job must requeue, not just stop
+    finally:
+        flag.uninstall()
+    assert signal.getsignal(signal.SIGINT) is previous
+
+
 def test_install_outside_main_thread_is_a_clear_error():
     proc = _run_python(
         """
