@@ -7,14 +7,23 @@ in the global stream, see dinov2.data.samplers) and each batch's collate (iBOT m
 seeded from (seed, the position of its first sample). The caller's RNG states are restored after
 each call, so loading in the main process (num_workers=0) does not perturb training randomness.
 
+Workers ignore SIGTERM, SIGUSR2 and SIGINT (the training loop decides when to stop, see
+dinov2.utils.signals), so the loop must stop them itself with `stop_workers` when it ends, on every
+path: multiprocessing's exit handler would send them SIGTERM and then wait for them forever.
+
 Usage:
     sampler = ShardedInfiniteSampler(len(ds), batch_size, world_size, rank, seed, start_position=pos)
     loader = make_data_loader(ds, sampler, collate_fn, num_workers=2, seed=seed)
-    for batch in loader: ...
+    batches = iter(loader)
+    try:
+        batch = next(batches) ...
+    finally:
+        stop_workers(batches)
 """
 
 import contextlib
 import hashlib
+import logging
 import random
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -25,7 +34,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from dinov2.data.datasets import CellImageDataset
 from dinov2.data.samplers import ShardedInfiniteSampler, StreamSample
-from dinov2.utils.signals import ignore_stop_signals
+from dinov2.utils.signals import training_worker_init
+
+logger = logging.getLogger("dinov2")
 
 
 def derive_seed(seed: int, tag: str, position: int) -> int:
@@ -126,5 +137,24 @@ def make_data_loader(
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
         generator=torch.Generator().manual_seed(seed),
-        worker_init_fn=ignore_stop_signals,
+        worker_init_fn=training_worker_init,
     )
+
+
+def stop_workers(batches: Any) -> None:
+    """Stop the worker processes behind the DataLoader iterator `batches` now, on any path.
+
+    torch's own shutdown (what the iterator does when garbage-collected, but not once the
+    interpreter is exiting) sends every worker its stop message and waits for it: an idle worker
+    quits at once, a busy one after its current batch. A worker still alive after that (stuck, up
+    to 10 s) is killed. Safe to call twice, and with the iterator of a loader without workers.
+    """
+    workers = list(getattr(batches, "_workers", ()))
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    for worker in workers:
+        if worker.is_alive():
+            logger.warning("DataLoader worker (pid %s) did not stop: killing it", worker.pid)
+            worker.kill()
+            worker.join(timeout=5)

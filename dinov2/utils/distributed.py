@@ -4,8 +4,12 @@ The process group is initialised from the environment that torchrun and the SLUR
 (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT). Every query reads torch.distributed, so
 a single process without those variables behaves as rank 0 of 1.
 
+A failing process calls `abort()` before it exits: the process group is torn down without waiting
+for the other ranks, whose pending collectives then fail ("connection closed by peer") instead of
+waiting for the collective timeout.
+
 Usage:
-    info = enable()                   # before building models
+    info = enable(timeout_minutes=10)  # before building models
     if is_main_process(): ...
     all_reduce_mean_(tensor)
 """
@@ -22,6 +26,8 @@ import torch.distributed as dist
 logger = logging.getLogger("dinov2")
 
 _ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+# How long a collective may wait for the slowest rank before it fails (train.collective_timeout_minutes).
+DEFAULT_TIMEOUT_MINUTES = 10.0
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,12 @@ def get_global_size() -> int:
     return dist.get_world_size() if is_enabled() else 1
 
 
+def env_rank() -> int:
+    """Global rank from RANK, as set by torchrun or the SLURM launcher (0 when unset); readable
+    before the process group exists."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def get_local_rank() -> int:
     """Rank within this machine, from LOCAL_RANK (0 when unset)."""
     return int(os.environ.get("LOCAL_RANK", "0"))
@@ -71,17 +83,25 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def launched_by_torchrun() -> bool:
+    """True in a process started by torchrun (torch.distributed.elastic sets TORCHELASTIC_RUN_ID)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
 def env_requests_distributed() -> bool:
     """True when the environment describes a multi-process job (WORLD_SIZE > 1)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def enable(backend: str | None = None, timeout_minutes: float = 30.0) -> DistributedInfo:
+def enable(backend: str | None = None, timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> DistributedInfo:
     """Initialise the process group from the environment when WORLD_SIZE > 1; return this process's info.
 
     Args:
         backend: "nccl" or "gloo"; None picks nccl when CUDA is available and gloo otherwise.
-        timeout_minutes: collective timeout (checkpoint writes and kNN checks can take minutes).
+        timeout_minutes: how long a collective waits for a missing rank before it raises (NCCL:
+            before its watchdog ends the process). Long enough for the slowest legitimate wait
+            (rank 0 writing a checkpoint or running a kNN check while the others wait in a
+            barrier), short enough that a hung rank does not hold the job's GPUs for long.
     Raises:
         ValueError naming the missing variable when WORLD_SIZE > 1 but RANK/MASTER_* are absent.
     """
@@ -111,6 +131,24 @@ def disable() -> None:
     """Destroy the process group if one is initialised."""
     if is_enabled():
         dist.destroy_process_group()
+
+
+def abort() -> None:
+    """Tear the process group down at once, after a failure on this rank (no-op when not distributed).
+
+    Unlike `disable()` it does not wait for pending work or for the other ranks; their collectives
+    with this rank fail promptly. Backends that cannot abort are destroyed instead.
+    """
+    if not is_enabled():
+        return
+    try:
+        from torch.distributed.distributed_c10d import _abort_process_group
+
+        _abort_process_group()
+    except Exception as e:  # an experimental API: any failure falls back to the plain teardown
+        logger.warning("could not abort the process group (%s: %s); destroying it", type(e).__name__, e)
+        if is_enabled():
+            dist.destroy_process_group()
 
 
 def barrier() -> None:

@@ -1,13 +1,23 @@
 """Per-sample seeded loading (dinov2/data/loaders.py): batches depend only on (seed, stream position),
-not on the number of workers, restarts or the caller's RNG, and the caller's RNG is left untouched."""
+not on the number of workers, restarts or the caller's RNG, and the caller's RNG is left untouched;
+workers are stopped on demand, even a stuck one."""
 
 import random
+import signal
+import time
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dinov2.data.loaders import SeededCollate, SeededSampleDataset, derive_seed, make_data_loader, seeded_rngs
+from dinov2.data.loaders import (
+    SeededCollate,
+    SeededSampleDataset,
+    derive_seed,
+    make_data_loader,
+    seeded_rngs,
+    stop_workers,
+)
 from dinov2.data.samplers import ShardedInfiniteSampler
 
 
@@ -89,3 +99,43 @@ def test_wrappers_pass_values_through():
     assert position == 17 and sample[0].item() == 3.0
     batch = SeededCollate(collate_with_random_mask, seed=0)([(sample, 17), (sample, 18)])
     assert batch["x"].shape == (2, 4)
+
+
+class StuckAfterDataset(RandomTransformDataset):
+    """Loads indices below `limit` at once; a worker asked for any other index hangs (a dead NFS mount)."""
+
+    def __init__(self, limit):
+        self.limit = limit
+
+    def __getitem__(self, i):
+        if i >= self.limit:
+            time.sleep(3600)
+        return super().__getitem__(i)
+
+
+def _workers_after_one_batch(dataset, num_workers):
+    sampler = ShardedInfiniteSampler(10, 2, 1, 0, seed=7, shuffle=False)
+    batches = iter(make_data_loader(dataset, sampler, collate_with_random_mask, num_workers, seed=7))
+    next(batches)
+    workers = list(batches._workers)
+    assert len(workers) == num_workers and all(w.is_alive() for w in workers)
+    return batches, workers
+
+
+def test_stop_workers_ends_idle_workers_at_once():
+    batches, workers = _workers_after_one_batch(RandomTransformDataset(), 2)
+    start = time.monotonic()
+    stop_workers(batches)
+    assert time.monotonic() - start < 5
+    assert [w.exitcode for w in workers] == [0, 0]  # they quit on their own
+    stop_workers(batches)  # a second call is harmless
+
+
+def test_stop_workers_kills_a_stuck_worker():
+    # The worker ignores SIGTERM (training_worker_init), so torch's own shutdown cannot end it.
+    batches, (worker,) = _workers_after_one_batch(StuckAfterDataset(limit=2), 1)
+    time.sleep(0.5)  # the worker is now stuck prefetching index 2
+    start = time.monotonic()
+    stop_workers(batches)
+    assert time.monotonic() - start < 20
+    assert worker.exitcode == -signal.SIGKILL
