@@ -9,6 +9,12 @@ optimizer, EMA teacher, loss centers, iteration, per-rank RNG states, sampler po
 so a killed run restarted with the same command continues exactly where its last checkpoint left off.
 Outputs in <output_dir>: config.yaml, training_metrics.jsonl, training_log.txt, tensorboard/,
 checkpoints/model_<iteration:07d>.pth and eval/<iteration>/teacher_checkpoint.pth.
+
+A failing run fails fast: an exception on any rank is logged with its traceback, the process group
+is aborted (the other ranks' collectives fail instead of waiting), the DataLoader workers are
+stopped, and the command exits with status 1. Ctrl-C finishes the current step, saves a checkpoint
+and exits with status 130; a second Ctrl-C exits at once. SIGTERM/SIGUSR2 (SLURM, torchrun) save a
+checkpoint and exit with status 0 (dinov2.train.preemption).
 """
 
 import sys
@@ -24,6 +30,7 @@ if __name__ == "__main__" and not __package__:
 import argparse  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
+import signal  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from functools import partial  # noqa: E402
@@ -39,7 +46,7 @@ from torch.distributed.checkpoint.state_dict import (  # noqa: E402
 
 from dinov2.data.augmentations import ColorAugmentation, DataAugmentationDINO  # noqa: E402
 from dinov2.data.collate import collate_data_and_cast  # noqa: E402
-from dinov2.data.loaders import make_data_loader, make_train_dataset  # noqa: E402
+from dinov2.data.loaders import make_data_loader, make_train_dataset, stop_workers  # noqa: E402
 from dinov2.data.masking import MaskingGenerator  # noqa: E402
 from dinov2.data.samplers import ShardedInfiniteSampler  # noqa: E402
 from dinov2.models.vision_transformer import ARCHS, DinoVisionTransformer  # noqa: E402
@@ -53,12 +60,13 @@ from dinov2.train.distributed_wrap import (  # noqa: E402
 )
 from dinov2.train.metrics_logger import MetricsLogger, peak_memory_mb  # noqa: E402
 from dinov2.train.online_knn import OnlineKNN  # noqa: E402
-from dinov2.train.preemption import PreemptionFlag  # noqa: E402
+from dinov2.train.preemption import DEFAULT_SIGNALS, PreemptionFlag  # noqa: E402
 from dinov2.train.schedules import apply_optim_scheduler, build_schedulers  # noqa: E402
 from dinov2.train.ssl_meta_arch import SSLMetaArch  # noqa: E402
 from dinov2.utils import distributed  # noqa: E402
 from dinov2.utils.config import ConfigError, setup_config  # noqa: E402
 from dinov2.utils.logging import remove_handlers, setup_logging  # noqa: E402
+from dinov2.utils.signals import die_with_parent  # noqa: E402
 
 logger = logging.getLogger("dinov2")
 
@@ -68,7 +76,8 @@ class TrainResult:
     """How a call to `main` ended."""
 
     status: str
-    """"completed" (reached the last iteration) or "preempted" (stopped on a signal, checkpoint saved)."""
+    """"completed" (reached the last iteration), "preempted" (stopped on SIGTERM/SIGUSR2, checkpoint
+    saved) or "interrupted" (stopped on Ctrl-C, checkpoint saved; the CLI exits with status 130)."""
     iteration: int
     """Iterations completed when it returned."""
     output_dir: str = ""
@@ -77,6 +86,10 @@ class TrainResult:
 
 class NonFiniteLossError(FloatingPointError):
     """A loss term became NaN or infinite; the last finite state was saved before raising."""
+
+
+# Exit status of the CLI after Ctrl-C (128 + SIGINT, what a shell reports for a process it ended).
+EXIT_INTERRUPTED = 128 + signal.SIGINT
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -203,23 +216,48 @@ def training_state(model, optimizer, scaler, sampler, iteration, steps_done, cfg
     }
 
 
-def save_training_checkpoint(state: dict, cfg: DictConfig) -> None:
-    """Rank 0 writes `state` atomically; everyone waits so no rank races ahead of a failed write."""
+def _write_on_main_process(write, what: str, kept) -> None:
+    """Rank 0 runs `write()` (returns the path written); every rank learns whether it worked.
+
+    A collective in place of a barrier: when the write fails (disk full, no permission), every rank
+    raises the same CheckpointWriteError naming the file, instead of rank 0 dying alone while the
+    others wait for it. `kept()` describes what is still on disk, for the message.
+    """
+    failure = None
     if distributed.is_main_process():
-        path = checkpointing.save_checkpoint(
-            state, Path(cfg.train.output_dir) / "checkpoints", keep=cfg.train.checkpoint_keep
-        )
-        logger.info("checkpoint saved: %s", path)
-    distributed.barrier()
+        try:
+            logger.info("%s: %s", what, write())
+        except checkpointing.CheckpointWriteError as e:
+            failure = (e.errno, e.strerror, e.filename, kept())
+            logger.error("could not write %s (%s); %s", e.filename, e.strerror, failure[3])
+    failure = distributed.broadcast_object(failure)
+    if failure is not None:
+        raise checkpointing.CheckpointWriteError(*failure[:3])
+
+
+def save_training_checkpoint(state: dict, cfg: DictConfig) -> None:
+    """Rank 0 writes `state` atomically."""
+    checkpoint_dir = Path(cfg.train.output_dir) / "checkpoints"
+
+    def kept() -> str:
+        found = checkpointing.list_checkpoints(checkpoint_dir)
+        return f"the previous checkpoint {found[-1][1]} is intact" if found else "no earlier checkpoint"
+
+    _write_on_main_process(
+        lambda: checkpointing.save_checkpoint(state, checkpoint_dir, cfg.train.checkpoint_keep),
+        "checkpoint saved",
+        kept,
+    )
 
 
 def export_teacher(model, cfg: DictConfig, iteration: int) -> None:
     """eval/<iteration>/teacher_checkpoint.pth in Meta's format (collective for FSDP)."""
     teacher_state = get_model_state_dict(model.teacher, options=_FULL)
-    if distributed.is_main_process():
-        path = checkpointing.export_teacher(teacher_state, cfg.train.output_dir, iteration, cfg.student)
-        logger.info("teacher exported: %s", path)
-    distributed.barrier()
+    _write_on_main_process(
+        lambda: checkpointing.export_teacher(teacher_state, cfg.train.output_dir, iteration, cfg.student),
+        "teacher exported",
+        lambda: "earlier teacher exports are intact",
+    )
 
 
 def discard_pending_center_updates(model: torch.nn.Module) -> None:
@@ -385,18 +423,24 @@ def do_train(
     logger.info("training %d -> %d of %d iterations, %d images per iteration, %d training images",
                 start_iter, end_iter, total_iters, global_batch, len(dataset))  # fmt: skip
 
-    flag = PreemptionFlag()
+    # SIGINT too: the first Ctrl-C stops at the next step boundary like a preemption, a second one
+    # ends the process at once.
+    flag = PreemptionFlag(signals=(*DEFAULT_SIGNALS, signal.SIGINT))
     it = start_iter
+    saved_at = None  # iteration of the last checkpoint this run wrote
     frozen = None
     window = {"iter_time": 0.0, "data_time": 0.0, "n": 0}
+    data_iter = None
     try:
         data_iter = iter(loader)
         while it < end_iter:
             if flag.should_stop():
-                state = training_state(model, optimizer, scaler, sampler, it, it - start_iter, cfg)
-                save_training_checkpoint(state, cfg)
-                logger.warning("preempted at iteration %d: checkpoint saved, exiting", it)
-                return TrainResult("preempted", it, str(output_dir))
+                if saved_at != it:  # not already saved by the periodic checkpoint of this iteration
+                    state = training_state(model, optimizer, scaler, sampler, it, it - start_iter, cfg)
+                    save_training_checkpoint(state, cfg)
+                status = "interrupted" if flag.interrupted() else "preempted"
+                logger.warning("%s at iteration %d: checkpoint saved, exiting", status, it)
+                return TrainResult(status, it, str(output_dir))
             if frozen != (it < warmup_iters):
                 frozen = it < warmup_iters
                 model.freeze_backbone(frozen)
@@ -450,6 +494,7 @@ def do_train(
             if it % cfg.train.checkpoint_period_iterations == 0 or it == end_iter:
                 state = training_state(model, optimizer, scaler, sampler, it, it - start_iter, cfg)
                 save_training_checkpoint(state, cfg)
+                saved_at = it
         if not (output_dir / "eval" / str(it) / "teacher_checkpoint.pth").is_file():
             export_teacher(model, cfg, it)  # the final teacher is always exported
         if it == start_iter:
@@ -457,6 +502,8 @@ def do_train(
         logger.info("training completed at iteration %d", it)
         return TrainResult("completed", it, str(output_dir))
     finally:
+        if data_iter is not None:
+            stop_workers(data_iter)  # they ignore SIGTERM: leaving them to exit handlers would hang
         flag.uninstall()
         metrics_log.close()
 
@@ -487,13 +534,18 @@ def restore_rank_rng(checkpoint: dict, info: distributed.DistributedInfo, cfg: D
 
 
 def main(args: argparse.Namespace | list[str] | None = None) -> TrainResult:
-    """Train from parsed args, a list of CLI strings, or sys.argv (None: the console script)."""
+    """Train from parsed args, a list of CLI strings, or sys.argv (None: the console script).
+
+    Called with None (the console script, `python dinov2/train/train.py`) it never returns: it ends
+    the process with status 0 (completed, or stopped by SIGTERM/SIGUSR2 with a checkpoint), 130
+    (stopped by Ctrl-C with a checkpoint), 2 (bad configuration) or 1 (any failure, logged with its
+    traceback). Called with arguments it returns the TrainResult or raises.
+    """
     from_cli = args is None
     if args is None or isinstance(args, list | tuple):
         args = get_args_parser().parse_args(args)
-    owns_process_group = not distributed.is_enabled()  # a launcher may have initialised it already
-    info = distributed.enable()
-    handlers = setup_logging(None, info.rank)
+    handlers = setup_logging(None, distributed.env_rank())
+    owns_process_group = False
     try:
         try:
             cfg = setup_config(args)
@@ -502,15 +554,34 @@ def main(args: argparse.Namespace | list[str] | None = None) -> TrainResult:
                 logger.error("%s", e)
                 raise SystemExit(2) from None
             raise
-        remove_handlers(handlers)
-        handlers = setup_logging(cfg.train.output_dir, info.rank)
-        fix_random_seeds(cfg.train.seed + info.rank)
-        model = build_model(cfg, info.device)
-        return do_train(cfg, model, info, resume=not args.no_resume)
+        owns_process_group = not distributed.is_enabled()  # a launcher may have initialised it already
+        try:
+            info = distributed.enable(timeout_minutes=cfg.train.collective_timeout_minutes)
+            if distributed.launched_by_torchrun():
+                # torchrun forwards SIGTERM to its ranks, but nothing can forward a SIGKILL: die with it.
+                die_with_parent(signal.SIGKILL)
+            remove_handlers(handlers)
+            handlers = setup_logging(cfg.train.output_dir, info.rank)
+            fix_random_seeds(cfg.train.seed + info.rank)
+            model = build_model(cfg, info.device)
+            result = do_train(cfg, model, info, resume=not args.no_resume)
+        except Exception as e:
+            logger.error("training failed on rank %d: %s: %s", distributed.env_rank(), type(e).__name__, e,
+                         exc_info=True)  # fmt: skip
+            distributed.abort()  # the other ranks' collectives fail now instead of at the timeout
+            if from_cli:
+                raise SystemExit(1) from None
+            raise
+        except BaseException:  # e.g. Ctrl-C before the training loop installed its handler
+            distributed.abort()
+            raise
     finally:
         remove_handlers(handlers)
         if owns_process_group:
             distributed.disable()
+    if from_cli:
+        raise SystemExit(EXIT_INTERRUPTED if result.status == "interrupted" else 0)
+    return result
 
 
 if __name__ == "__main__":

@@ -256,7 +256,7 @@ def check_values(cfg: DictConfig) -> list[str]:
         "crops.color_augmentation.saturation",
     ):  # fmt: skip
         need(dotted, get(dotted) >= 0, "must be >= 0")
-    for dotted in ("teacher.warmup_teacher_temp", "teacher.teacher_temp"):
+    for dotted in ("teacher.warmup_teacher_temp", "teacher.teacher_temp", "train.collective_timeout_minutes"):
         need(dotted, get(dotted) > 0, "must be > 0")
     for dotted in ("teacher.momentum_teacher", "teacher.final_momentum_teacher",
                    "ibot.mask_sample_probability", "train.max_failed_fraction",

@@ -291,3 +291,10 @@ def test_colour_augmentation_keys_are_validated(dirs):
     assert "crops.color_augmentation.grayscale_prob: must be in [0, 1]" in msg
     typo = _error(None, [f"train.dataset_path={data}", "crops.color_augmentation.hues=0"], out)
     assert "crops.color_augmentation.hue" in typo
+
+
+def test_collective_timeout_key_default_and_validation(dirs):
+    data, out = dirs
+    assert build_config(None, [f"train.dataset_path={data}"], out).train.collective_timeout_minutes == 10.0
+    msg = _error(None, [f"train.dataset_path={data}", "train.collective_timeout_minutes=0"], out)
+    assert "train.collective_timeout_minutes: must be > 0, got 0" in msg
