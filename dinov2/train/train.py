@@ -51,7 +51,12 @@ from dinov2.data.masking import MaskingGenerator  # noqa: E402
 from dinov2.data.samplers import ShardedInfiniteSampler  # noqa: E402
 from dinov2.models.vision_transformer import ARCHS, DinoVisionTransformer  # noqa: E402
 from dinov2.train import checkpointing  # noqa: E402
-from dinov2.train.collapse import CollapseThresholds, collapse_metrics, collapse_warnings  # noqa: E402
+from dinov2.train.collapse import (  # noqa: E402
+    CollapseStreak,
+    CollapseThresholds,
+    collapse_metrics,
+    collapse_warnings_by_metric,
+)
 from dinov2.train.distributed_wrap import (  # noqa: E402
     GradientAverager,
     apply_fsdp2,
@@ -86,6 +91,10 @@ class TrainResult:
 
 class NonFiniteLossError(FloatingPointError):
     """A loss term became NaN or infinite; the last finite state was saved before raising."""
+
+
+class CollapseError(RuntimeError):
+    """The collapse monitor warned at train.collapse_stop_after_warnings consecutive checks."""
 
 
 # Exit status of the CLI after Ctrl-C (128 + SIGINT, what a shell reports for a process it ended).
@@ -235,8 +244,8 @@ def _write_on_main_process(write, what: str, kept) -> None:
         raise checkpointing.CheckpointWriteError(*failure[:3])
 
 
-def save_training_checkpoint(state: dict, cfg: DictConfig) -> None:
-    """Rank 0 writes `state` atomically."""
+def save_training_checkpoint(state: dict, cfg: DictConfig, protect: tuple[int, ...] = ()) -> None:
+    """Rank 0 writes `state` atomically (checkpoints of iterations in `protect` survive rotation)."""
     checkpoint_dir = Path(cfg.train.output_dir) / "checkpoints"
 
     def kept() -> str:
@@ -244,7 +253,7 @@ def save_training_checkpoint(state: dict, cfg: DictConfig) -> None:
         return f"the previous checkpoint {found[-1][1]} is intact" if found else "no earlier checkpoint"
 
     _write_on_main_process(
-        lambda: checkpointing.save_checkpoint(state, checkpoint_dir, cfg.train.checkpoint_keep),
+        lambda: checkpointing.save_checkpoint(state, checkpoint_dir, cfg.train.checkpoint_keep, protect),
         "checkpoint saved",
         kept,
     )
@@ -258,6 +267,18 @@ def export_teacher(model, cfg: DictConfig, iteration: int) -> None:
         "teacher exported",
         lambda: "earlier teacher exports are intact",
     )
+
+
+def newest_outputs_before(output_dir: Path, iteration: int) -> tuple[Path | None, Path | None]:
+    """(newest training checkpoint, newest teacher export) written before `iteration`, or None."""
+    found = checkpointing.list_checkpoints(output_dir / "checkpoints")
+    checkpoints = [path for it, path in found if it < iteration]
+    exports = sorted(
+        (int(d.name), d / "teacher_checkpoint.pth")
+        for d in (output_dir / "eval").glob("*")
+        if d.name.isdigit() and int(d.name) < iteration and (d / "teacher_checkpoint.pth").is_file()
+    )
+    return (checkpoints[-1] if checkpoints else None), (exports[-1][1] if exports else None)
 
 
 def discard_pending_center_updates(model: torch.nn.Module) -> None:
@@ -341,9 +362,17 @@ def teacher_collapse_metrics(model, images: torch.Tensor, teacher_temp: float, c
     return collapse_metrics(probs.float(), cls.float())
 
 
-def run_monitors(model, data: dict, it: int, teacher_temp: float, knn, cfg: DictConfig, device) -> dict:
-    """Collapse metrics and online kNN accuracy when `it` is a multiple of their periods (collective)."""
+def run_monitors(
+    model, data: dict, it: int, teacher_temp: float, knn, cfg: DictConfig, device
+) -> tuple[dict, list[str] | None]:
+    """Collapse metrics and online kNN accuracy when `it` is a multiple of their periods (collective).
+
+    Returns (metrics to log, names of the collapse metrics that warned), the latter None when no
+    collapse check counted at `it` (none due, or still in the lr warm-up). Rank 0 judges its batch
+    and every rank gets its verdict, so all ranks stop together on a collapse.
+    """
     out = {}
+    warned = None
     period = cfg.train.collapse_check_period_iterations
     if period > 0 and it % period == 0:
         out.update(
@@ -351,13 +380,43 @@ def run_monitors(model, data: dict, it: int, teacher_temp: float, knn, cfg: Dict
         )
         # Not during the lr warm-up: at initialisation LayerScale (1e-5) makes every image's
         # embedding nearly the same, which is not collapse.
-        if distributed.is_main_process() and it > cfg.optim.warmup_epochs * cfg.train.OFFICIAL_EPOCH_LENGTH:
-            thresholds = CollapseThresholds(**cfg.train.collapse_thresholds)
-            for reason in collapse_warnings(out, thresholds):
-                logger.warning("possible collapse at iteration %d: %s", it, reason)
+        if it > cfg.optim.warmup_epochs * cfg.train.OFFICIAL_EPOCH_LENGTH:
+            reasons = {}
+            if distributed.is_main_process():
+                thresholds = CollapseThresholds(**cfg.train.collapse_thresholds)
+                reasons = collapse_warnings_by_metric(out, thresholds)
+                for reason in reasons.values():
+                    logger.warning("possible collapse at iteration %d: %s", it, reason)
+            warned = distributed.broadcast_object(list(reasons))
     if knn is not None and it % cfg.evaluation.knn_period_iterations == 0:
         out.update(knn.evaluate(model.teacher["backbone"], device))
-    return out
+    return out, warned
+
+
+def track_collapse(
+    streak: CollapseStreak, warned: list[str], it: int, output_dir: Path, cfg: DictConfig, protect: tuple
+) -> tuple[int, ...]:
+    """Count the collapse check at `it`; raise CollapseError when the run must stop (collective).
+
+    Returns the checkpoint iterations that rotation must keep: while a streak lasts (and stopping is
+    on), the newest checkpoint written before its first warning.
+    """
+    first_warning = bool(warned) and not streak.started
+    if streak.update(it, warned):
+        kept = newest_outputs_before(output_dir, streak.iterations[0])
+        checkpoint, export = distributed.broadcast_object(kept)  # rank 0 wrote them
+        raise CollapseError(
+            f"stopping: the collapse monitor {streak.describe()} "
+            f"(train.collapse_stop_after_warnings={cfg.train.collapse_stop_after_warnings}); "
+            f"last good checkpoint: {checkpoint or 'none written before the warnings'}; "
+            f"last good teacher export: {export or 'none written before the warnings'}"
+        )
+    if not streak.started:
+        return ()
+    if first_warning and streak.stop_after > 0:
+        checkpoint, _ = newest_outputs_before(output_dir, it)
+        return (checkpointing.checkpoint_iteration(checkpoint),) if checkpoint else ()
+    return protect
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -426,6 +485,8 @@ def do_train(
     # SIGINT too: the first Ctrl-C stops at the next step boundary like a preemption, a second one
     # ends the process at once.
     flag = PreemptionFlag(signals=(*DEFAULT_SIGNALS, signal.SIGINT))
+    streak = CollapseStreak(cfg.train.collapse_stop_after_warnings)
+    protect: tuple[int, ...] = ()  # the last checkpoint before a collapse streak survives rotation
     it = start_iter
     saved_at = None  # iteration of the last checkpoint this run wrote
     frozen = None
@@ -437,7 +498,7 @@ def do_train(
             if flag.should_stop():
                 if saved_at != it:  # not already saved by the periodic checkpoint of this iteration
                     state = training_state(model, optimizer, scaler, sampler, it, it - start_iter, cfg)
-                    save_training_checkpoint(state, cfg)
+                    save_training_checkpoint(state, cfg, protect)
                 status = "interrupted" if flag.interrupted() else "preempted"
                 logger.warning("%s at iteration %d: checkpoint saved, exiting", status, it)
                 return TrainResult(status, it, str(output_dir))
@@ -459,7 +520,7 @@ def do_train(
                 state = training_state(
                     model, optimizer, scaler, sampler, it, it - start_iter, cfg, rng_before
                 )
-                save_training_checkpoint(state, cfg)
+                save_training_checkpoint(state, cfg, protect)
                 saved = output_dir / "checkpoints" / checkpointing.checkpoint_name(it)
                 raise NonFiniteLossError(f"{error}; the last finite state (before this iteration) was saved "
                                          f"to {saved}") from None  # fmt: skip
@@ -468,7 +529,7 @@ def do_train(
             window["iter_time"] += time.perf_counter() - t0
             window["data_time"] += t_data
             window["n"] += 1
-            extra = run_monitors(model, data, it, teacher_temp, knn, cfg, device)
+            extra, warned = run_monitors(model, data, it, teacher_temp, knn, cfg, device)
             if it % cfg.train.log_period_iterations == 0 or it == end_iter or extra:
                 n = window["n"]
                 iter_time = window["iter_time"] / n
@@ -489,11 +550,13 @@ def do_train(
                 }
                 metrics_log.log(it, record, seconds_per_iteration=iter_time)
                 window = {"iter_time": 0.0, "data_time": 0.0, "n": 0}
+            if warned is not None:
+                protect = track_collapse(streak, warned, it, output_dir, cfg, protect)
             if cfg.evaluation.eval_period_iterations > 0 and it % cfg.evaluation.eval_period_iterations == 0:
                 export_teacher(model, cfg, it)
             if it % cfg.train.checkpoint_period_iterations == 0 or it == end_iter:
                 state = training_state(model, optimizer, scaler, sampler, it, it - start_iter, cfg)
-                save_training_checkpoint(state, cfg)
+                save_training_checkpoint(state, cfg, protect)
                 saved_at = it
         if not (output_dir / "eval" / str(it) / "teacher_checkpoint.pth").is_file():
             export_teacher(model, cfg, it)  # the final teacher is always exported

@@ -221,6 +221,7 @@ def check_values(cfg: DictConfig) -> list[str]:
         "train.checkpoint_keep": 1,
         "train.log_period_iterations": 1,
         "train.collapse_check_period_iterations": 0,
+        "train.collapse_stop_after_warnings": 0,
         "train.seed": 0,
         "student.patch_size": 1,
         "student.num_register_tokens": 0,

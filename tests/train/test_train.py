@@ -17,6 +17,7 @@ from dinov2.models.weights import export_backbone, load_backbone
 from dinov2.train import checkpointing
 from dinov2.train.ssl_meta_arch import SSLMetaArch
 from dinov2.train.train import (
+    CollapseError,
     NonFiniteLossError,
     build_backbones,
     build_data,
@@ -367,3 +368,47 @@ def test_collapse_thresholds_come_from_the_config(cells, tmp_path):
     assert "possible collapse at iteration 3" not in log  # still in the lr warm-up
     with pytest.raises(ConfigError, match="collapse_thresholds"):
         _run(cells, tmp_path / "bad", "train.collapse_thresholds.max_entropy=0.5")
+
+
+def test_collapse_stop_after_consecutive_warnings_keeps_the_last_good_outputs(cells, tmp_path):
+    # A CLS-std threshold no run meets: every check after the lr warm-up (3 iterations) warns, so the
+    # run stops at the third warning (iteration 6 of 9) instead of training on.
+    out = tmp_path / "run"
+    overrides = [
+        "optim.epochs=3",
+        "train.collapse_check_period_iterations=1",
+        "train.collapse_thresholds.min_cls_std_ratio=1000.0",
+        "train.collapse_stop_after_warnings=3",
+        "train.checkpoint_period_iterations=1",
+        "train.checkpoint_keep=1",
+        "evaluation.eval_period_iterations=1",
+    ]
+    good_checkpoint = out / "checkpoints" / "model_0000003.pth"
+    good_export = out / "eval" / "3" / "teacher_checkpoint.pth"
+    with pytest.raises(CollapseError) as caught:
+        _run(cells, out, *overrides)
+    assert str(caught.value) == (
+        "stopping: the collapse monitor 3 consecutive checks warned (iterations 4, 5, 6) on cls_std_ratio "
+        f"(train.collapse_stop_after_warnings=3); last good checkpoint: {good_checkpoint}; "
+        f"last good teacher export: {good_export}"
+    )
+    # checkpoint_keep=1 rotated away 4 but kept 3, the newest from before the first warning.
+    assert [it for it, _ in checkpointing.list_checkpoints(out / "checkpoints")] == [3, 5]
+    assert checkpointing.load_checkpoint_file(good_checkpoint)["iteration"] == 3
+    assert torch.load(good_export, map_location="cpu", weights_only=True)["teacher"]
+    assert load_backbone(good_export).embed_dim == 128
+    assert not (out / "eval" / "6").exists()  # nothing is exported from the collapsed state
+    assert _records(out)[-1]["iteration"] == 6
+    log = (out / "training_log.txt").read_text()
+    assert "possible collapse at iteration 4: CLS embeddings barely differ" in log
+
+
+def test_collapse_stop_is_off_by_default(cells, tmp_path):
+    out = tmp_path / "run"
+    always_warns = [
+        "train.collapse_check_period_iterations=1",
+        "train.collapse_thresholds.min_cls_std_ratio=1000.0",
+    ]
+    result = _run(cells, out, "train.collapse_stop_after_warnings=0", *always_warns)
+    assert result.status == "completed" and result.iteration == 6
+    assert "possible collapse at iteration 6" in (out / "training_log.txt").read_text()

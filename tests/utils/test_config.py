@@ -293,8 +293,16 @@ def test_colour_augmentation_keys_are_validated(dirs):
     assert "crops.color_augmentation.hue" in typo
 
 
-def test_collective_timeout_key_default_and_validation(dirs):
+def test_fail_fast_keys_defaults_and_validation(dirs):
     data, out = dirs
-    assert build_config(None, [f"train.dataset_path={data}"], out).train.collective_timeout_minutes == 10.0
-    msg = _error(None, [f"train.dataset_path={data}", "train.collective_timeout_minutes=0"], out)
+    cfg = build_config(None, [f"train.dataset_path={data}"], out)
+    assert cfg.train.collective_timeout_minutes == 10.0 and cfg.train.collapse_stop_after_warnings == 0
+    tiny = build_config("train/vit_tiny_cpu", [f"train.dataset_path={data}"], out)
+    assert tiny.train.collapse_stop_after_warnings == 3  # the CPU configs stop on a collapse
+    bad = ["train.collective_timeout_minutes=0", "train.collapse_stop_after_warnings=-1"]
+    msg = _error(None, [f"train.dataset_path={data}", *bad], out)
     assert "train.collective_timeout_minutes: must be > 0, got 0" in msg
+    assert "train.collapse_stop_after_warnings: must be >= 0, got -1" in msg
+    assert "expected an integer" in _error(
+        None, [f"train.dataset_path={data}", "train.collapse_stop_after_warnings=2.5"], out
+    )
