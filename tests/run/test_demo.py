@@ -20,12 +20,13 @@ def demo(tmp_path_factory):
     settings = DemoSettings(
         output_dir=out,
         synthetic_per_class=12,
-        epochs=1,
+        iterations=3,
         max_per_class=12,
         attention_images=2,
         num_workers=0,
         overrides=[
             "train.OFFICIAL_EPOCH_LENGTH=3",
+            "optim.epochs=1",
             "train.batch_size_per_gpu=8",
             "evaluation.eval_period_iterations=3",
         ],
@@ -34,14 +35,22 @@ def demo(tmp_path_factory):
     return settings, report
 
 
-def test_report_embeds_existing_pictures_and_both_tables(demo):
+def test_report_embeds_existing_pictures_and_the_three_tables(demo):
     settings, report = demo
     text = report.read_text()
-    for heading in ("## Pretrained teacher", "## Same network at random initialisation"):
+    for heading in (
+        "## Pretrained teacher",
+        "## Same network at random initialisation",
+        "## Six colour statistics",
+    ):
         assert heading in text
-    # Two fork-layout tables with the three classifier rows each.
-    assert len(re.findall(r"^\| 20-NN ", text, flags=re.M)) == 2
-    assert len(re.findall(r"^\| Linear Probing ", text, flags=re.M)) == 2
+    # Three fork-layout tables (teacher, random init, colour statistics) with three classifier rows each.
+    assert len(re.findall(r"^\| 20-NN ", text, flags=re.M)) == 3
+    assert len(re.findall(r"^\| Linear Probing ", text, flags=re.M)) == 3
+    summary = json.loads((report.parent / "demo_summary.json").read_text())["summary"]
+    gain = 100 * (summary["pretrained"]["20-NN"]["balanced_accuracy"]["mean"]
+                  - summary["colorstats"]["20-NN"]["balanced_accuracy"]["mean"])  # fmt: skip
+    assert "over colour statistics: 1-NN" in text and f"20-NN {gain:+.1f}" in text
     pictures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert len(pictures) == 3 + settings.attention_images  # confusion, 2 UMAPs, attention grids
     for rel in pictures:
