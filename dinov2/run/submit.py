@@ -16,6 +16,10 @@ What a submitted job does:
   dumps a fresh copy of the task (`checkpoint()`) and requeues the job; the requeued job runs the same
   task, and training resumes from its newest checkpoint. A job requeued from outside
   (`scontrol requeue`) gets SIGTERM, stops the same way and is rerun by SLURM.
+- A task that fails exits with a non-zero status (training aborts its process group, so the other
+  ranks fail too), and `srun --kill-on-bad-exit=1` ends every other task of the job at once even
+  if one is stuck where it cannot notice: the job ends as FAILED instead of holding its nodes until
+  the time limit, and is not requeued.
 
 Usage (a launcher):
     class MyTask(Task):
@@ -51,6 +55,8 @@ SIGNAL_DELAY_S = 120
 DEFAULT_TIMEOUT_MIN = 2800
 DEFAULT_CPUS_PER_GPU_TASK = 10
 DEFAULT_MEM_GB_PER_GPU = 40
+# srun options: one task exiting non-zero ends the whole step (the fail-fast second line of defence).
+SRUN_ARGS = ("--kill-on-bad-exit=1",)
 # Requeues after a time-out allowed before submitit gives up (preemptions do not count).
 MAX_NUM_TIMEOUT = 30
 # MASTER_PORT is picked in [PORT_BASE, PORT_BASE + PORT_SPAN) from the job id and restart count.
@@ -215,7 +221,8 @@ class Task(submitit.helpers.Checkpointable):
 
     Subclasses implement `run()` (call the entry point with `self.args`). With
     `graceful_preemption = True` the entry point must honour dinov2.train.preemption.PreemptionFlag
-    and return an object whose `status` is "preempted" when it stopped early (training does).
+    and return an object whose `status` is "preempted" when it stopped early (training does), or
+    "interrupted" when SIGINT stopped it (the task then ends with status 130 and is not requeued).
 
     Args:
         args: the parsed launcher arguments; the entry point reads its own options from them.
@@ -252,6 +259,9 @@ class Task(submitit.helpers.Checkpointable):
         flag = PreemptionFlag()
         try:
             result = self.run()
+            if getattr(result, "status", None) == "interrupted":
+                print(f"[dinov2] interrupted ({result}): not requeuing", flush=True)
+                raise SystemExit(130)
             if getattr(result, "status", None) != "preempted":
                 return result
             self._after_preemption(flag, result)
@@ -292,6 +302,7 @@ def sbatch_parameters(args: argparse.Namespace, name: str) -> dict[str, Any]:
         # never more than half the time limit, or a short job would be told to stop as it starts
         "signal_delay_s": min(SIGNAL_DELAY_S, args.timeout * 60 // 2),
         "setup": _setup_lines(),
+        "srun_args": list(SRUN_ARGS),
     }
     if ngpus > 0:
         params["gpus_per_node"] = ngpus

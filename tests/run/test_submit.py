@@ -130,6 +130,8 @@ def test_dry_run_script_holds_the_requested_resources(tmp_path, capsys):
     assert script.startswith("#!/bin/bash")
     srun = [line for line in lines if line.startswith("srun ")]
     assert len(srun) == 1 and "-m submitit.core._submit" in srun[0] and f"{out}/%j" in srun[0]
+    # one task failing ends the whole job at once (fail fast), instead of leaving the others waiting
+    assert "--kill-on-bad-exit=1" in srun[0].split()
     assert "export PYTHONPATH=" in script and str(REPO_ROOT) in script
     assert not out.exists()  # a dry run writes nothing
 
@@ -254,3 +256,21 @@ def test_stop_signal_comes_before_the_time_limit():
     # 120 s of warning for a normal job; a 1-minute job gets it half-way, not at its start
     assert sbatch_parameters(_parse("--output-dir", "/o", "--timeout", "90"), "x")["signal_delay_s"] == 120
     assert sbatch_parameters(_parse("--output-dir", "/o", "--timeout", "1"), "x")["signal_delay_s"] == 30
+
+
+def test_interrupted_entry_point_ends_the_task_with_130_without_requeue(monkeypatch, capsys):
+    class Interrupted(Task):
+        graceful_preemption = True
+
+        def run(self):
+            return SimpleNamespace(status="interrupted", iteration=4)
+
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "localhost", "MASTER_PORT": "29500"}  # fmt: skip
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)  # restored after the test
+    monkeypatch.setattr("dinov2.run.submit.distributed_environment", lambda: env)
+    with pytest.raises(SystemExit) as caught:
+        Interrupted(argparse.Namespace())()
+    assert caught.value.code == 130
+    assert "not requeuing" in capsys.readouterr().out
