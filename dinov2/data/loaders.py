@@ -151,10 +151,16 @@ def stop_workers(batches: Any) -> None:
     """
     workers = list(getattr(batches, "_workers", ()))
     shutdown = getattr(batches, "_shutdown_workers", None)
-    if shutdown is not None:
-        shutdown()
-    for worker in workers:
-        if worker.is_alive():
-            logger.warning("DataLoader worker (pid %s) did not stop: killing it", worker.pid)
-            worker.kill()
-            worker.join(timeout=5)
+    try:
+        if shutdown is not None:
+            shutdown()
+    except RuntimeError as e:
+        # torch's SIGCHLD handler repeats a worker's death while the others exit: it was reported
+        # when it happened, and the clean-up must go on.
+        logger.warning("while stopping DataLoader workers: %s", e)
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                logger.warning("DataLoader worker (pid %s) did not stop: killing it", worker.pid)
+                worker.kill()
+                worker.join(timeout=5)

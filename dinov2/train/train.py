@@ -565,10 +565,12 @@ def do_train(
         logger.info("training completed at iteration %d", it)
         return TrainResult("completed", it, str(output_dir))
     finally:
-        if data_iter is not None:
-            stop_workers(data_iter)  # they ignore SIGTERM: leaving them to exit handlers would hang
-        flag.uninstall()
-        metrics_log.close()
+        try:
+            if data_iter is not None:
+                stop_workers(data_iter)  # they ignore SIGTERM: leaving them to exit handlers would hang
+        finally:
+            flag.uninstall()
+            metrics_log.close()
 
 
 _FULL_LOAD = StateDictOptions(full_state_dict=True)
