@@ -4,9 +4,9 @@ Two rules keep a job's process tree honest:
 - DataLoader workers never decide when to stop: SLURM signals every process of a job (preemption,
   time limit, `scontrol requeue`), and a terminal's Ctrl-C reaches every process of the foreground
   group. The main process decides (dinov2.train.preemption) and stops its workers itself.
-- Nothing outlives the process it serves: workers die with their parent process and training ranks
-  with their torchrun agent (`die_with_parent`), so a killed parent leaves no orphans holding
-  memory, GPUs or a half-open collective.
+- Nothing outlives the process it serves: training DataLoader workers die with the training process
+  (`training_worker_init`) and training ranks with their torchrun agent (`die_with_parent`), so a
+  killed parent leaves no orphans holding memory, GPUs or a half-open collective.
 """
 
 from __future__ import annotations
