@@ -7,7 +7,9 @@ options (`get_args_parser`) and calls `submit_jobs`.
 What a submitted job does:
 - sbatch starts `nodes x tasks-per-node` copies of the pickled task (submitit's `srun` line); each
   sets RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR (first node of the job) and
-  MASTER_PORT (from the job id), exactly what torchrun would set, then runs the entry point.
+  MASTER_PORT (from the job id, below Linux's ephemeral ports), exactly what torchrun would set,
+  then runs the entry point. The sbatch script defaults NCCL_DEBUG=WARN and
+  TORCH_NCCL_ASYNC_ERROR_HANDLING=1; other NCCL variables come from the submitting shell.
 - submitit's logs and pickles go to `<output-dir>/<job id>/`; the entry point writes its own
   outputs (training checkpoints in `<output-dir>/checkpoints/`) under `<output-dir>`.
 - Before the time limit (SIGUSR2, `--signal=USR2@120`) or on preemption (SIGTERM), a task with
@@ -60,8 +62,25 @@ SRUN_ARGS = ("--kill-on-bad-exit=1",)
 # Requeues after a time-out allowed before submitit gives up (preemptions do not count).
 MAX_NUM_TIMEOUT = 30
 # MASTER_PORT is picked in [PORT_BASE, PORT_BASE + PORT_SPAN) from the job id and restart count.
-PORT_BASE = 20000
+# The range ends below Linux's ephemeral ports (net.ipv4.ip_local_port_range, 32768-60999 by
+# default), from which the kernel hands out the source ports of outgoing connections (NCCL's own
+# sockets included): a rendezvous port in that range can already be taken on the first node.
+PORT_BASE = 10000
 PORT_SPAN = 20000
+EPHEMERAL_PORTS = (32768, 60999)
+PORT_RULE = f"MASTER_PORT = {PORT_BASE} + crc32('<job id>:<restart count>') % {PORT_SPAN}"
+# NCCL / torch variables a multi-node job commonly needs. sbatch passes the submitting shell's
+# environment to the job, so `export NCCL_SOCKET_IFNAME=ib0` before submitting reaches every task.
+NCCL_ENV_VARS = (
+    "NCCL_SOCKET_IFNAME",
+    "NCCL_IB_HCA",
+    "NCCL_IB_DISABLE",
+    "NCCL_DEBUG",
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING",
+)
+# Defaults the sbatch script sets unless the environment already has a value: NCCL reports only
+# problems, and a failed or timed-out collective tears the process down (fail fast, not hang).
+NCCL_ENV_DEFAULTS = {"NCCL_DEBUG": "WARN", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
 
 
 class SubmissionError(ValueError):
@@ -162,7 +181,7 @@ def get_args_parser(
 # ----------------------------------------------------------------------------------------------
 def master_port(job_id: str, restart_count: int = 0) -> int:
     """A port derived from the job id (same on every task), moved on each requeue of the job so a
-    restarted job never waits for the previous run's socket."""
+    restarted job never waits for the previous run's socket; always below the ephemeral range."""
     key = f"{job_id}:{restart_count}".encode()
     return PORT_BASE + zlib.crc32(key) % PORT_SPAN
 
@@ -330,7 +349,23 @@ def _setup_lines() -> list[str]:
         f"export PYTHONPATH={shlex.quote(str(repo_root))}${{PYTHONPATH:+:$PYTHONPATH}}",
         # one BLAS/OpenMP thread per allocated CPU, as torchrun would, unless the user chose
         "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}",
+        *(f"export {name}=${{{name}:-{value}}}" for name, value in NCCL_ENV_DEFAULTS.items()),
+        f"# each task sets {PORT_RULE}",
     ]
+
+
+def describe_job_environment(environ: dict[str, str] | None = None) -> list[str]:
+    """Lines for --dry-run: the MASTER_PORT rule and the NCCL variables the job would inherit."""
+    environ = os.environ if environ is None else environ
+    lines = [f"{PORT_RULE}, in [{PORT_BASE}, {PORT_BASE + PORT_SPAN}) (below the ephemeral ports)"]
+    for name in NCCL_ENV_VARS:
+        if name in environ:
+            lines.append(f"{name}={environ[name]} (from this environment)")
+        elif name in NCCL_ENV_DEFAULTS:
+            lines.append(f"{name}={NCCL_ENV_DEFAULTS[name]} (script default)")
+        else:
+            lines.append(f"{name} unset (NCCL's default)")
+    return lines
 
 
 def job_folder(output_dir: str | Path) -> Path:
@@ -421,6 +456,8 @@ def submit_jobs(task_class: type[Task], args: argparse.Namespace, name: str) -> 
         raise SubmissionError(f"invalid arguments for {name}: {e}") from None
     if args.dry_run:
         print(render_sbatch_script(params, args.output_dir), end="")
+        for line in describe_job_environment():
+            print(f"# {line}", file=sys.stderr)
         print(f"# dry run: nothing submitted ({task_class.__name__}, {name})", file=sys.stderr)
         return None
     check_slurm_available()

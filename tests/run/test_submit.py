@@ -4,6 +4,7 @@ import argparse
 import os
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,6 +24,7 @@ from dinov2.run.submit import (
     master_port,
     render_sbatch_script,
     sbatch_parameters,
+    submit_jobs,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -200,6 +202,34 @@ def test_master_port_is_shared_by_tasks_and_moves_on_restart():
     assert all(
         PORT_BASE <= p < PORT_BASE + PORT_SPAN for p in ports | {master_port(str(i)) for i in range(200)}
     )
+
+
+def test_master_port_stays_below_the_ephemeral_range_for_any_job_id():
+    # Linux hands out 32768-60999 as source ports; the rendezvous port must never fall there.
+    ports = {master_port(str(job), r) for job in range(0, 2_000_000, 997) for r in range(3)}
+    ports |= {master_port(f"{job}_{task}") for job in (5, 123456) for task in range(50)}  # array jobs
+    assert 1024 < min(ports) and max(ports) < 32768
+    assert len(ports) > 3000  # spread over the range, not a handful of values
+    # the documented rule, computed by hand for one job id
+    assert master_port("123456", 1) == 10000 + zlib.crc32(b"123456:1") % 20000
+
+
+def test_dry_run_shows_the_nccl_defaults_and_the_port_rule(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "ib0")
+    monkeypatch.delenv("NCCL_DEBUG", raising=False)
+    monkeypatch.delenv("NCCL_IB_HCA", raising=False)
+    parser = get_args_parser(parents=[])
+    args = parser.parse_args(["--output-dir", str(tmp_path), "--dry-run"])
+    assert submit_jobs(Task, args, "test:nccl") is None
+    out, err = capsys.readouterr()
+    # defaults that keep a value the user exported (sbatch passes the environment to the job)
+    assert "export NCCL_DEBUG=${NCCL_DEBUG:-WARN}" in out.splitlines()
+    assert "export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}" in out.splitlines()
+    assert "MASTER_PORT = 10000 + crc32('<job id>:<restart count>') % 20000" in out
+    assert "# NCCL_SOCKET_IFNAME=ib0 (from this environment)" in err.splitlines()
+    assert "# NCCL_DEBUG=WARN (script default)" in err.splitlines()
+    assert "# NCCL_IB_HCA unset (NCCL's default)" in err.splitlines()
+    assert "in [10000, 30000)" in err
 
 
 def test_distributed_environment_from_job(monkeypatch, tmp_path):
