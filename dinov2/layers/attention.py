@@ -1,14 +1,17 @@
 """Multi-head self-attention of DINOv2's ViT, computed with `F.scaled_dot_product_attention`.
 
 `Attention` and `MemEffAttention` have the same parameters (`qkv`, `proj`) and results; the latter
-additionally uses xformers' memory-efficient kernel when xformers is installed and the input is on
-CUDA (never required). Both accept sequences of different lengths packed into one tensor
+additionally uses xformers' memory-efficient kernel when xformers is installed, one tiny call to it
+works on the GPU (`xformers_usable`, else a warning and SDPA), and the input is on CUDA (never
+required). Both accept sequences of different lengths packed into one tensor
 (`forward_packed`), which is how `NestedTensorBlock` runs global and local crops together.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import logging
 import os
 from collections.abc import Sequence
 from types import ModuleType
@@ -16,6 +19,8 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+logger = logging.getLogger("dinov2")
 
 
 def _import_xformers_ops() -> ModuleType | None:
@@ -31,6 +36,45 @@ def _import_xformers_ops() -> ModuleType | None:
 # Read once at import: whether the optional xformers kernels can be used at all.
 XFORMERS_OPS = _import_xformers_ops()
 XFORMERS_AVAILABLE = XFORMERS_OPS is not None
+
+
+def check_xformers(ops: ModuleType, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Run one tiny `ops.memory_efficient_attention` call and compare it with SDPA.
+
+    A wheel built for another torch often imports fine and fails only at its first kernel call
+    (missing symbol, no kernel for this GPU), or returns garbage. Returns None when the call works
+    and agrees with `F.scaled_dot_product_attention`, else the reason it cannot be used.
+    """
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 8, 2, 32, generator=gen).to(device, dtype) for _ in range(3))  # [B, N, h, d]
+    try:
+        out = ops.memory_efficient_attention(q, k, v)
+    except Exception as e:  # any failure of the foreign kernel means: do not use it
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+    expected = F.scaled_dot_product_attention(*(t.transpose(1, 2).float() for t in (q, k, v))).transpose(1, 2)
+    if not isinstance(out, torch.Tensor) or out.shape != q.shape:
+        return f"returned {getattr(out, 'shape', type(out).__name__)} instead of {tuple(q.shape)}"
+    error = (out.float() - expected).abs().max().item()
+    if not error <= 1e-2:  # fp16 rounding of unit-scale values is ~1e-3; also catches NaN
+        return f"result differs from SDPA by {error:.3g}"
+    return None
+
+
+@functools.cache
+def xformers_usable(device_type: str = "cuda") -> bool:
+    """Whether MemEffAttention may call xformers: importable, the device present, and one tiny
+    attention call on it works (checked once per process; a one-line warning when it does not)."""
+    if XFORMERS_OPS is None or (device_type == "cuda" and not torch.cuda.is_available()):
+        return False
+    dtype = torch.float16 if device_type == "cuda" else torch.float32
+    problem = check_xformers(XFORMERS_OPS, torch.device(device_type), dtype)
+    if problem is not None:
+        version = getattr(importlib.import_module("xformers"), "__version__", "?")
+        logger.warning(
+            "xformers %s does not work with torch %s (%s): attention uses PyTorch SDPA instead",
+            version, torch.__version__, problem,
+        )  # fmt: skip
+    return problem is None
 
 
 class Attention(nn.Module):
@@ -113,15 +157,20 @@ class Attention(nn.Module):
 
 class MemEffAttention(Attention):
     """`Attention` that calls xformers' `memory_efficient_attention` when xformers is installed and
-    x is on CUDA; otherwise identical to `Attention` (SDPA picks flash/memory-efficient kernels on
-    GPU by itself).
+    works (`xformers_usable`) and x is on CUDA; otherwise identical to `Attention` (SDPA picks
+    flash/memory-efficient kernels on GPU by itself).
 
     `attn_bias` may be a tensor mask (as for `Attention`) or an xformers attention-bias object such
     as `BlockDiagonalMask` (xformers path only; on the fallback path it is materialised).
     """
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # Decided when the model is built (start-up), not in forward, so compiled graphs see a constant.
+        self.xformers_ok = xformers_usable()
+
     def _use_xformers(self, x: torch.Tensor) -> bool:
-        return XFORMERS_AVAILABLE and x.is_cuda
+        return self.xformers_ok and x.is_cuda
 
     def forward(self, x: torch.Tensor, attn_bias=None) -> torch.Tensor:
         b, n, c = x.shape

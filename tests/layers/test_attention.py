@@ -1,4 +1,6 @@
+import logging
 import math
+import sys
 import types
 
 import pytest
@@ -123,3 +125,71 @@ def test_attention_runs_under_bf16_autocast():
         out = attn(x)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), attn(x), atol=5e-2, rtol=5e-2)
+
+
+def _reference_memory_efficient_attention(q, k, v, attn_bias=None, p=0.0):
+    """xformers' documented contract: [B, N, heads, d] in and out, scale 1/sqrt(d)."""
+    s = torch.einsum("bnhd,bmhd->bhnm", q, k) / math.sqrt(q.shape[-1])
+    return torch.einsum("bhnm,bmhd->bnhd", s.softmax(-1), v)
+
+
+def test_xformers_check_accepts_a_working_kernel_and_names_what_breaks():
+    cpu = torch.device("cpu")
+    working = types.SimpleNamespace(memory_efficient_attention=_reference_memory_efficient_attention)
+    assert attention_module.check_xformers(working, cpu, torch.float32) is None
+
+    def raises(q, k, v):
+        raise NotImplementedError("No operator found for `memory_efficient_attention_forward`\nmore detail")
+
+    broken = types.SimpleNamespace(memory_efficient_attention=raises)
+    assert attention_module.check_xformers(broken, cpu, torch.float32) == (
+        "NotImplementedError: No operator found for `memory_efficient_attention_forward`"
+    )
+    wrong = types.SimpleNamespace(memory_efficient_attention=lambda q, k, v: v)  # runs, wrong values
+    assert "differs from SDPA" in attention_module.check_xformers(wrong, cpu, torch.float32)
+    nan = types.SimpleNamespace(memory_efficient_attention=lambda q, k, v: torch.full_like(q, float("nan")))
+    assert "differs from SDPA" in attention_module.check_xformers(nan, cpu, torch.float32)
+
+
+def test_xformers_wheel_that_imports_but_fails_falls_back_to_sdpa_with_one_warning(monkeypatch, caplog):
+    """A wheel built for another torch: `import xformers.ops` works, the first kernel call fails."""
+
+    def memory_efficient_attention(q, k, v, attn_bias=None, p=0.0):
+        raise RuntimeError("xformers/_C.so: undefined symbol: _ZN3c104cuda9SetDeviceEi")
+
+    package = types.ModuleType("xformers")
+    package.__version__ = "0.0.99"
+    ops = types.ModuleType("xformers.ops")
+    ops.memory_efficient_attention = memory_efficient_attention
+    package.ops = ops
+    monkeypatch.setitem(sys.modules, "xformers", package)
+    monkeypatch.setitem(sys.modules, "xformers.ops", ops)
+    monkeypatch.delenv("XFORMERS_DISABLED", raising=False)
+    imported = attention_module._import_xformers_ops()
+    assert imported is ops  # an ImportError check alone would have accepted this wheel
+    monkeypatch.setattr(attention_module, "XFORMERS_OPS", imported)
+    attention_module.xformers_usable.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="dinov2"):
+            assert attention_module.xformers_usable("cpu") is False
+            assert attention_module.xformers_usable("cpu") is False  # checked once, warned once
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert warnings == [
+            f"xformers 0.0.99 does not work with torch {torch.__version__} (RuntimeError: "
+            "xformers/_C.so: undefined symbol: _ZN3c104cuda9SetDeviceEi): attention uses PyTorch SDPA instead"
+        ]
+        ops.memory_efficient_attention = _reference_memory_efficient_attention
+        attention_module.xformers_usable.cache_clear()
+        assert attention_module.xformers_usable("cpu") is True
+    finally:
+        attention_module.xformers_usable.cache_clear()
+
+
+def test_memeff_attention_does_not_use_xformers_without_a_working_gpu_kernel(monkeypatch):
+    monkeypatch.setattr(attention_module, "XFORMERS_OPS", None)
+    attention_module.xformers_usable.cache_clear()
+    try:
+        attn = MemEffAttention(16, num_heads=2)
+        assert attn.xformers_ok is False and attn._use_xformers(torch.zeros(1, 2, 16)) is False
+    finally:
+        attention_module.xformers_usable.cache_clear()
