@@ -65,6 +65,7 @@ from dinov2.train.distributed_wrap import (  # noqa: E402
 )
 from dinov2.train.metrics_logger import MetricsLogger, peak_memory_mb  # noqa: E402
 from dinov2.train.online_knn import OnlineKNN  # noqa: E402
+from dinov2.train.precision import apply_device_precision  # noqa: E402
 from dinov2.train.preemption import DEFAULT_SIGNALS, PreemptionFlag  # noqa: E402
 from dinov2.train.schedules import apply_optim_scheduler, build_schedulers  # noqa: E402
 from dinov2.train.ssl_meta_arch import SSLMetaArch  # noqa: E402
@@ -628,6 +629,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> TrainResult:
             remove_handlers(handlers)
             handlers = setup_logging(cfg.train.output_dir, info.rank)
             fix_random_seeds(cfg.train.seed + info.rank)
+            apply_device_precision(cfg, info.device)  # bf16 -> fp16 on pre-Ampere GPUs; fp16 on CPU: error
             model = build_model(cfg, info.device)
             result = do_train(cfg, model, info, resume=not args.no_resume)
         except Exception as e:
