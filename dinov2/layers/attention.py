@@ -46,7 +46,8 @@ def check_xformers(ops: ModuleType, device: torch.device, dtype: torch.dtype) ->
     and agrees with `F.scaled_dot_product_attention`, else the reason it cannot be used.
     """
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 8, 2, 32, generator=gen).to(device, dtype) for _ in range(3))  # [B, N, h, d]
+    # Made on the CPU explicitly: models may be built under `with torch.device("meta")`.
+    q, k, v = (torch.randn(1, 8, 2, 32, generator=gen, device="cpu").to(device, dtype) for _ in range(3))
     try:
         out = ops.memory_efficient_attention(q, k, v)
     except Exception as e:  # any failure of the foreign kernel means: do not use it

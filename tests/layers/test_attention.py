@@ -137,6 +137,8 @@ def test_xformers_check_accepts_a_working_kernel_and_names_what_breaks():
     cpu = torch.device("cpu")
     working = types.SimpleNamespace(memory_efficient_attention=_reference_memory_efficient_attention)
     assert attention_module.check_xformers(working, cpu, torch.float32) is None
+    with torch.device("meta"):  # how weights.py builds models before a strict load
+        assert attention_module.check_xformers(working, cpu, torch.float32) is None
 
     def raises(q, k, v):
         raise NotImplementedError("No operator found for `memory_efficient_attention_forward`\nmore detail")
