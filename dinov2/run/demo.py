@@ -46,7 +46,7 @@ class DemoSettings:
     """Redo every stage instead of reusing what exists."""
     synthetic_per_class: int = 150
     """Synthetic images per class when no `data` is given."""
-    iterations: int = 900
+    iterations: int = 500
     """Pretraining length: the first iterations of the recipe's schedule (train.max_iterations)."""
     max_per_class: int = 200
     """Images per class used by the evaluation (seeded subsample; keeps PBC runs short)."""
