@@ -380,7 +380,7 @@ def _open_dataset(roots: Sequence[str], labeled: bool | None):
             raise ValueError(f"data folder expected, got a file: {r}")
     # Auto-detect, then check here, so the message says why labels are needed.
     dataset = CellImageDataset(
-        list(roots) if len(roots) > 1 else roots[0], labeled=None if labeled else False
+        list(roots) if len(roots) > 1 else roots[0], labeled=False if labeled is False else None
     )
     if labeled and (not dataset.classes or any(t < 0 for t in dataset.targets)):
         raise ValueError(

@@ -278,3 +278,15 @@ def test_undecodable_image_is_dropped_not_replaced(labeled_root):
     assert fs.paths == clean.paths
     np.testing.assert_array_equal(fs.labels, clean.labels)
     np.testing.assert_allclose(fs.features, clean.features)
+
+
+def test_auto_detected_labels_are_kept(labeled_root, tmp_path):
+    """labeled=None (what `dinov2-eval umap` and `features` use) detects class folders; only
+    labeled=False drops them."""
+    auto = extract_features("colorstats", labeled_root, image_size=32, labeled=None, progress=False)
+    required = extract_features("colorstats", labeled_root, image_size=32, labeled=True, progress=False)
+    assert auto.class_names == required.class_names and len(auto.class_names) > 1
+    np.testing.assert_array_equal(auto.labels, required.labels)
+    assert (auto.labels >= 0).all()
+    plain = extract_features("colorstats", labeled_root, image_size=32, labeled=False, progress=False)
+    assert (plain.labels == -1).all()
