@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_learning_curve, run from anywhere
 
 # (row name, what changes, overrides). The first row is the recipe itself.
 ROWS: list[tuple[str, str, list[str]]] = [
@@ -84,23 +85,19 @@ def train_row(config: Path, data: str, run_dir: Path, overrides: list[str], thre
 
 
 def score_row(run_dir: Path, data: str, max_per_class: int | None, folds: int, seed: int) -> dict:
+    """20-NN and linear probe of the row's last teacher export (the learning curve's scorer)."""
+    from bench_learning_curve import score, teacher_exports  # the sibling script (sys.path above)
     from omegaconf import OmegaConf
 
     from dinov2.eval.features import extract_features
-    from dinov2.eval.linear import LogisticRegressionConfig
-    from dinov2.eval.protocols import ClassifierConfig, cross_validate
 
-    exports = sorted((run_dir / "eval").glob("*/teacher_checkpoint.pth"), key=lambda p: int(p.parent.name))
+    iteration, export = teacher_exports(run_dir)[-1]
     size = int(OmegaConf.load(run_dir / "config.yaml").crops.global_crops_size)
-    fs = extract_features(str(exports[-1]), data, image_size=size, max_images_per_class=max_per_class,
+    fs = extract_features(str(export), data, image_size=size, max_images_per_class=max_per_class,
                           seed=seed, cache_dir=run_dir / "feature_cache", progress=False)  # fmt: skip
-    cfg = ClassifierConfig(ks=(20,), logreg=LogisticRegressionConfig(seed=seed))
-    summary = cross_validate(fs, n_folds=folds, seed=seed, classifiers=cfg, progress=False).summary()
-    return {
-        "iteration": int(exports[-1].parent.name),
-        "knn20": 100 * summary["20-NN"]["balanced_accuracy"]["mean"],
-        "linear": 100 * summary["Linear Probing"]["balanced_accuracy"]["mean"],
-    }
+    scores = score(fs, folds, seed, k=20, linear=True, progress=False)
+    return {"iteration": iteration, "knn20": scores["knn_balanced_accuracy"],
+            "linear": scores["linear_balanced_accuracy"]}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
