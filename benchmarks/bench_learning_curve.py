@@ -55,11 +55,9 @@ class CurvePoint:
 
 def teacher_exports(run_dir: Path) -> list[tuple[int, Path]]:
     """(iteration, path) of every teacher export of the run, in iteration order."""
-    found = []
-    for path in (run_dir / "eval").glob("*/teacher_checkpoint.pth"):
-        if path.parent.name.isdigit():
-            found.append((int(path.parent.name), path))
-    return sorted(found)
+    from dinov2.train.checkpointing import list_teacher_exports
+
+    return list_teacher_exports(run_dir)
 
 
 def training_minutes(run_dir: Path) -> dict[int, float]:

@@ -54,10 +54,12 @@ def knn_cv(x: np.ndarray, y: np.ndarray, k: int, folds: int, seed: int) -> tuple
 
 
 def latest_teacher(run_dir: Path) -> Path:
-    exports = sorted((run_dir / "eval").glob("*/teacher_checkpoint.pth"), key=lambda p: int(p.parent.name))
+    from dinov2.train.checkpointing import list_teacher_exports
+
+    exports = list_teacher_exports(run_dir)
     if not exports:
         raise FileNotFoundError(f"no eval/<iteration>/teacher_checkpoint.pth under {run_dir}")
-    return exports[-1]
+    return exports[-1][1]
 
 
 def main(argv=None) -> dict:

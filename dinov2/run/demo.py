@@ -125,7 +125,9 @@ def pretrain(root: Path, settings: DemoSettings) -> tuple[Path, dict]:
     start = time.perf_counter()
     result = train_main(argv)
     seconds = time.perf_counter() - start
-    exports = sorted((train_dir / "eval").glob("*/teacher_checkpoint.pth"), key=lambda p: int(p.parent.name))
+    from dinov2.train.checkpointing import list_teacher_exports
+
+    exports = [path for _, path in list_teacher_exports(train_dir)]
     if not exports:
         raise RuntimeError(f"training finished but wrote no teacher export under {train_dir / 'eval'}")
     status("pretrain", f"{result.status} at iteration {result.iteration} ({seconds / 60:.1f} min this run)")

@@ -113,6 +113,15 @@ def list_checkpoints(checkpoint_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def list_teacher_exports(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """(iteration, path) of every `eval/<iteration>/teacher_checkpoint.pth` of a run, oldest first."""
+    found = []
+    for path in Path(output_dir).glob("eval/*/teacher_checkpoint.pth"):
+        if path.parent.name.isdigit() and path.is_file():
+            found.append((int(path.parent.name), path))
+    return sorted(found)
+
+
 def load_checkpoint_file(path: str | Path) -> dict:
     """Load a training checkpoint on CPU; raise ValueError naming the file when it is unusable."""
     path = Path(path)

@@ -274,11 +274,7 @@ def newest_outputs_before(output_dir: Path, iteration: int) -> tuple[Path | None
     """(newest training checkpoint, newest teacher export) written before `iteration`, or None."""
     found = checkpointing.list_checkpoints(output_dir / "checkpoints")
     checkpoints = [path for it, path in found if it < iteration]
-    exports = sorted(
-        (int(d.name), d / "teacher_checkpoint.pth")
-        for d in (output_dir / "eval").glob("*")
-        if d.name.isdigit() and int(d.name) < iteration and (d / "teacher_checkpoint.pth").is_file()
-    )
+    exports = [(it, path) for it, path in checkpointing.list_teacher_exports(output_dir) if it < iteration]
     return (checkpoints[-1] if checkpoints else None), (exports[-1][1] if exports else None)
 
 
