@@ -27,13 +27,13 @@ import csv
 import errno
 import functools
 import hashlib
+import io
 import json
 import logging
 import multiprocessing
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from dinov2.data.files import IMAGE_EXTENSIONS, is_hidden
 from dinov2.data.image_io import DEFAULT_MAX_PIXELS, PROBLEMS, ImageDecodeError, decode_rgb
+from dinov2.utils.files import atomic_write
 
 logger = logging.getLogger("dinov2")
 
@@ -103,10 +104,11 @@ class ScanReport:
         """One row per scanned file: path, status ("ok" or the problem), detail; sorted by path."""
         rows = [(p, OK, "") for p in self.ok]
         rows += [(p, problem, detail) for problem, items in self.problems.items() for p, detail in items]
-        with open(path, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(CSV_COLUMNS)
-            writer.writerows(sorted(rows))
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(CSV_COLUMNS)
+        writer.writerows(sorted(rows))
+        atomic_write(path, buf.getvalue())
 
 
 def _relative_below(path: str, folder: str) -> str | None:
@@ -243,19 +245,10 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     A cache that cannot be written (read-only home, full disk) only costs a warning: the next
     scan decodes again.
     """
-    tmp_name = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(
-            "w", dir=path.parent, prefix=path.stem + ".", suffix=".tmp", delete=False, encoding="utf-8"
-        ) as f:
-            tmp_name = f.name
-            f.write(json.dumps(data, separators=(",", ":")))  # dumps uses the C encoder, dump does not
-        os.replace(tmp_name, path)
+        atomic_write(path, json.dumps(data, separators=(",", ":")))  # dumps uses the C encoder, dump does not
     except OSError as exc:
         logger.warning("could not write scan cache %s (%s); the next scan decodes again", path, exc)
-        if tmp_name is not None and os.path.exists(tmp_name):
-            os.unlink(tmp_name)
 
 
 def save_cache(

@@ -31,6 +31,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from dinov2.data.files import find_images
+from dinov2.utils.files import atomic_path
 
 logger = logging.getLogger("dinov2")
 
@@ -315,9 +316,8 @@ def generate_synthetic_cells(
     for class_name, i in tqdm(jobs, desc="synthetic cells", unit="img", disable=not progress):
         pixels = render_cell(class_name, size, image_rng(seed, class_name, i))
         path = out / class_name / f"{class_name}_{i:05d}.jpg"
-        tmp = path.with_name(path.name + ".tmp")
-        Image.fromarray(pixels).save(tmp, format="JPEG", quality=90)
-        os.replace(tmp, path)  # an interrupted run never leaves a half-written JPEG
+        with atomic_path(path) as tmp:  # an interrupted run never leaves a half-written JPEG
+            Image.fromarray(pixels).save(tmp, format="JPEG", quality=90)
     # Files are only ever (re)written, never deleted: images left by an earlier, larger run or put
     # there by hand would silently unbalance the set, so say so.
     extra = len(find_images(out)) - len(jobs)

@@ -23,6 +23,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dinov2.utils.device import resolve_device
+from dinov2.utils.files import atomic_path
+
 
 def attention_to_patch_maps(
     attn: torch.Tensor, num_register_tokens: int, grid_hw: tuple[int, int]
@@ -136,8 +139,8 @@ def plot_attention_grid(
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     return path
 
 
@@ -166,14 +169,14 @@ def save_attention_grids(
         The PNG paths, in input order.
     """
     from dinov2.data.image_io import load_rgb
-    from dinov2.eval.features import Preprocessing, _resolve_device, load_eval_backbone
+    from dinov2.eval.features import Preprocessing, load_eval_backbone
 
     if not image_paths:
         raise ValueError("no images given for attention maps")
     for p in image_paths:
         if not Path(p).is_file():
             raise FileNotFoundError(f"image not found: {p}")
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     model = load_eval_backbone(backbone, dev, seed)
     if not hasattr(model, "get_last_self_attention"):
         raise ValueError(f"backbone {backbone!r} is not a ViT; attention maps need one")

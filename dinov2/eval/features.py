@@ -39,7 +39,8 @@ from tqdm.auto import tqdm
 
 from dinov2.data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from dinov2.eval.baselines import is_baseline_spec, make_baseline
-from dinov2.eval.reports import temporary_sibling
+from dinov2.utils.device import resolve_device
+from dinov2.utils.files import atomic_path
 from dinov2.utils.signals import ignore_stop_signals
 
 logger = logging.getLogger("dinov2")
@@ -108,9 +109,7 @@ class FeatureSet:
     def save(self, path: str | os.PathLike) -> Path:
         """Write an ``.npz`` (no pickles) atomically; :meth:`load` reads it back."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temporary_sibling(path, ".tmp.npz")  # np.savez keeps a name that ends in .npz
-        try:
+        with atomic_path(path) as tmp:
             np.savez(
                 tmp,
                 features=self.features,
@@ -119,10 +118,6 @@ class FeatureSet:
                 paths=np.array(self.paths, dtype=str),
                 meta=np.array(json.dumps(self.meta, default=str)),
             )
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
         return path
 
     @classmethod
@@ -420,14 +415,6 @@ def cache_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def _resolve_device(device) -> torch.device:
-    if device is None:
-        from dinov2.utils.distributed import default_device
-
-        return default_device()
-    return torch.device(device)
-
-
 def extract_features(
     backbone: str | os.PathLike | nn.Module,
     data_root: str | os.PathLike | Sequence[str | os.PathLike],
@@ -483,7 +470,7 @@ def extract_features(
     roots = [os.fspath(r) for r in ([data_root] if isinstance(data_root, str | os.PathLike) else data_root)]
     if not roots:
         raise ValueError("no data folder given")
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     model_sig = backbone_signature(backbone, seed)
     dataset = _open_dataset(roots, labeled)
     targets = list(dataset.targets)

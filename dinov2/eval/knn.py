@@ -27,6 +27,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
+from dinov2.utils.device import resolve_device
+
 VOTES = ("majority", "weighted")
 
 
@@ -39,12 +41,6 @@ def _to_tensor(x, name: str, device: torch.device) -> torch.Tensor:
 
 def _l2_normalise(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x, dim=1, eps=1e-12)
-
-
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _check_ks(ks: Iterable[int], n_train: int) -> list[int]:
@@ -80,7 +76,7 @@ def topk_neighbours(
     Returns:
         ``(similarities [N_test, k] float32, indices [N_test, k] int64)`` on the CPU.
     """
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     train = _l2_normalise(_to_tensor(train_features, "train_features", dev))
     test = _l2_normalise(_to_tensor(test_features, "test_features", dev))
     if train.shape[1] != test.shape[1]:

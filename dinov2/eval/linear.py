@@ -33,6 +33,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from dinov2.eval.metrics import classification_metrics
+from dinov2.utils.device import resolve_device
 
 SCORINGS = ("accuracy", "balanced_accuracy", "f1_macro", "f1_weighted")
 
@@ -306,7 +307,7 @@ def torch_linear_probe(
     grid = [(float(lr), float(wd)) for lr in config.lrs for wd in config.weight_decays]
     if not grid:
         raise ValueError("the lr and weight-decay grids must not be empty")
-    dev = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(config.device)
     xt, yt = torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev)
     xv = torch.from_numpy(x_val).to(dev)
     std = _Standardiser(xt)

@@ -17,9 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from dinov2.eval.metrics import METRIC_NAMES, confusion_matrix, per_class_report
+from dinov2.utils.files import atomic_path, atomic_write
 
 #: Display column -> metric key (see module doc for why the weighted averages).
 TABLE_COLUMNS: dict[str, str] = {
@@ -55,31 +54,10 @@ def _json_default(o):
     raise TypeError(f"cannot serialise {type(o).__name__} to JSON")
 
 
-def temporary_sibling(path: Path, suffix: str = ".tmp") -> Path:
-    """A fresh hidden name next to ``path`` for write-then-rename.
-
-    Unlike ``tempfile.mkstemp`` (always mode 0600), a file created under this name gets the
-    usual permissions from the umask, so results stay readable by the rest of the team.
-    """
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{suffix}")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_sibling(path)
-    try:
-        with open(tmp, "x", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def write_json(obj: Any, path: str | Path) -> Path:
     """Write ``obj`` as indented JSON (numpy values converted), atomically."""
     path = Path(path)
-    _atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+    atomic_write(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
     return path
 
 
@@ -182,7 +160,7 @@ def write_csv(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     writer.writeheader()
     for r in rows:
         writer.writerow({k: ("" if v is None else v) for k, v in r.items()})
-    _atomic_write_text(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
     return path
 
 
@@ -261,8 +239,8 @@ def plot_confusion_matrix(
                 )
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     return path
 
 
@@ -289,7 +267,7 @@ def write_classification_outputs(
         "confusion_counts": out / f"{prefix}confusion_counts.png",
         "confusion_normalized": out / f"{prefix}confusion_normalized.png",
     }
-    _atomic_write_text(paths["per_class_txt"], per_class_text(rows, title))
+    atomic_write(paths["per_class_txt"], per_class_text(rows, title))
     write_csv(rows, paths["per_class_csv"])
     plot_confusion_matrix(
         cm, class_names, paths["confusion_counts"], title=f"{title} (counts)" if title else None
@@ -331,10 +309,10 @@ def write_report(
         metrics["extra"] = dict(extra)
     written = {"metrics_json": write_json(metrics, out / "metrics.json")}
     written["results_md"] = out / "results.md"
-    _atomic_write_text(written["results_md"], markdown_table(summary))
+    atomic_write(written["results_md"], markdown_table(summary))
     written["results_csv"] = write_csv(summary_csv_rows(summary), out / "results.csv")
     written["results_tex"] = out / "results.tex"
-    _atomic_write_text(written["results_tex"], latex_table(summary, caption=caption))
+    atomic_write(written["results_tex"], latex_table(summary, caption=caption))
     for name in result.classifiers:
         files = write_classification_outputs(
             result.y_true, result.predictions[name], result.class_names, out / slug(name), title=name

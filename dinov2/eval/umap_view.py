@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dinov2.utils.files import atomic_path, atomic_write
+
 
 def umap_embedding(
     features,
@@ -116,8 +118,8 @@ def plot_umap(
     ax.set_title(title or "UMAP of the embeddings")
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     return path
 
 
@@ -199,8 +201,8 @@ def plot_umap_thumbnails(
     ax.set_title(title or f"UMAP with cell thumbnails ({len(chosen)} of {n})")
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     return path
 
 
@@ -228,7 +230,4 @@ def save_coords_csv(
             if class_names is not None:
                 row.append(class_names[k] if 0 <= k < len(class_names) else "")
         w.writerow(row)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(buf.getvalue(), encoding="utf-8")
-    return path
+    return atomic_write(path, buf.getvalue())

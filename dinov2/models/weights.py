@@ -20,7 +20,6 @@ import math
 import os
 import pickle
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -36,6 +35,7 @@ from dinov2.models.vision_transformer import (
     convert_block_layout,
     make_released_backbone,
 )
+from dinov2.utils.files import atomic_path
 
 logger = logging.getLogger("dinov2")
 
@@ -284,21 +284,14 @@ def export_backbone(model: DinoVisionTransformer, path: PathLike) -> Path:
     target = getattr(model, "_orig_mod", model)
     state_dict = convert_block_layout(target.state_dict(), 0)
     state_dict = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
 
             metadata = {"format": "pt", SAFETENSORS_CONFIG_KEY: json.dumps(backbone_config(target))}
-            save_file(state_dict, tmp, metadata=metadata)
+            save_file(state_dict, str(tmp), metadata=metadata)
         else:
             torch.save(state_dict, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 

@@ -50,6 +50,8 @@ from typing import Any
 import submitit
 from submitit.core.utils import DelayedSubmission, FailedJobError
 
+from dinov2.utils.distributed import env_rank
+
 logger = logging.getLogger("dinov2")
 
 # How long before the time limit SLURM sends SIGUSR2: time to finish a step and write a checkpoint.
@@ -289,7 +291,7 @@ class Task(submitit.helpers.Checkpointable):
 
     def _after_preemption(self, flag: Any, result: Any) -> None:
         """The entry point stopped early and saved: requeue (rank 0) and end without a result."""
-        rank = int(os.environ.get("RANK", "0"))
+        rank = env_rank()
         names = [s.name for s in flag.received]
         print(f"[dinov2] rank {rank} stopped early ({result}); signals: {names or 'none'}", flush=True)
         if not names:

@@ -14,11 +14,16 @@ __all__ = ["CosineScheduler", "fix_random_seeds"]  # noqa: F822 (CosineScheduler
 
 
 def fix_random_seeds(seed: int = 31) -> None:
-    """Seed Python's ``random``, NumPy's global generator and torch (CPU and every CUDA device)."""
-    if not 0 <= int(seed) < 2**32:
-        raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+    """Seed Python's ``random``, NumPy's global generator and torch (CPU and every CUDA device).
+
+    The one seeding function of the package. ``seed`` may be any integer in [0, 2**64) (torch's
+    range; per-epoch seeds derived from a run's seed are that large); NumPy's legacy generator
+    takes 32 bits, so it gets ``seed % 2**32``.
+    """
+    if not 0 <= int(seed) < 2**64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)
 
