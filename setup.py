@@ -56,9 +56,9 @@ setup(
             "dinov2-train=dinov2.train.train:main",
             "dinov2-submit-train=dinov2.run.train.train:main",
             "dinov2-eval=dinov2.eval.cli:main",
-            "dinov2-split=dinov2.eval.split:main",
-            "dinov2-finetune=dinov2.eval.finetune:main",
-            "dinov2-infer=dinov2.eval.infer:main",
+            "dinov2-split=dinov2.data.split:main",
+            "dinov2-finetune=dinov2.transfer.finetune:main",
+            "dinov2-infer=dinov2.transfer.infer:main",
             "dinov2-demo=dinov2.run.demo:main",
             "dinov2-serve=dinov2.run.serve:main",
         ]

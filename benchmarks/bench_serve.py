@@ -37,13 +37,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dinov2.data.synthetic import PBC_CLASSES, generate_synthetic_cells  # noqa: E402
-from dinov2.eval.classifier import (  # noqa: E402
+from dinov2.models.vision_transformer import ARCHS  # noqa: E402
+from dinov2.transfer.classifier import (  # noqa: E402
     BackboneClassifier,
-    atomic_torch_save,
     classifier_checkpoint,
     preprocessing_for,
 )
-from dinov2.models.vision_transformer import ARCHS  # noqa: E402
+from dinov2.utils.files import atomic_torch_save  # noqa: E402
 
 
 def make_checkpoint(args, path: Path) -> Path:

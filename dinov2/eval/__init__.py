@@ -1,5 +1,6 @@
-"""Evaluation of frozen embeddings: features, k-NN, linear probes, protocols, reports, UMAP,
-attention maps (issue 7), and supervised transfer tools (split / finetune / infer).
+"""Evaluation of frozen embeddings: features, k-NN, linear probes, protocols, reports, UMAP and
+attention maps. Supervised transfer (a trained classifier: `dinov2-finetune`, `dinov2-infer`) is
+`dinov2.transfer`; the train/val/test split (`dinov2-split`) is `dinov2.data.split`.
 
 The names below are imported lazily on first access, so ``import dinov2.eval.<module>`` stays
 cheap (umap-learn, matplotlib and scikit-learn load only when used).
@@ -52,14 +53,6 @@ _LAZY = {
     "plot_attention_grid": "dinov2.eval.attention_maps",
     "save_attention_grids": "dinov2.eval.attention_maps",
     "sample_images_per_class": "dinov2.eval.selection",
-    "split_dataset": "dinov2.eval.split",
-    "FinetuneConfig": "dinov2.eval.finetune",
-    "FinetuneResult": "dinov2.eval.finetune",
-    "train_classifier": "dinov2.eval.finetune",
-    "Prediction": "dinov2.eval.infer",
-    "predict": "dinov2.eval.infer",
-    "load_classifier": "dinov2.eval.classifier",
-    "BackboneClassifier": "dinov2.eval.classifier",
 }
 
 __all__ = sorted(_LAZY)

@@ -78,8 +78,9 @@ def train_demo_classifier(
         force: start over even when ``run/best.pth`` exists.
         log: receives one status line per step.
     """
-    from dinov2.eval.finetune import FinetuneConfig, train_classifier
-    from dinov2.eval.split import split_dataset
+    from dinov2.data.split import split_dataset
+    from dinov2.transfer.config import FinetuneConfig
+    from dinov2.transfer.finetune import train_classifier
 
     out = Path(out_dir)
     best = out / "run" / "best.pth"

@@ -32,8 +32,8 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from dinov2.eval.infer import write_predictions_rows
 from dinov2.serve.service import ClassifierService, ImageResult, Upload
+from dinov2.transfer.predictions import write_predictions_rows
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 CONTENT_SECURITY_POLICY = (

@@ -31,11 +31,12 @@ import numpy as np
 import torch
 
 from dinov2.eval.attention_maps import attention_to_patch_maps
-from dinov2.eval.classifier import BackboneClassifier, load_classifier, make_eval_transform
 from dinov2.eval.features import Preprocessing
-from dinov2.eval.infer import Prediction
 from dinov2.serve.overlay import attention_overlays
 from dinov2.serve.retrieval import Neighbour, ReferenceIndex
+from dinov2.transfer.classifier import BackboneClassifier, load_classifier, make_eval_transform
+from dinov2.transfer.predictions import Prediction
+from dinov2.utils.device import autocast_for, resolve_device
 
 
 @dataclass(frozen=True)
@@ -153,8 +154,6 @@ class ClassifierService:
         """Load ``best.pth`` and, optionally, a reference set: a labeled folder (``reference``,
         embedded with the feature cache under ``cache_dir``) or a saved `FeatureSet`
         (``reference_features``), not both."""
-        from dinov2.eval.finetune import resolve_device
-
         if reference is not None and reference_features is not None:
             raise ValueError("give either a reference folder or a reference feature file, not both")
         dev = resolve_device(device)
@@ -255,8 +254,6 @@ class ClassifierService:
     def _run_model(self, images: torch.Tensor) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
         """(softmax probabilities [B, K] float64, head-input embeddings [B, D], attention maps
         [B, 1 + R, H, gh, gw]) of a normalised batch."""
-        from dinov2.eval.finetune import autocast_for
-
         backbone = self.model.backbone
         last = backbone.iter_blocks()[-1]
         captured: list[torch.Tensor] = []

@@ -6,12 +6,12 @@ from pathlib import Path
 import torch
 
 from dinov2.data.synthetic import generate_synthetic_cells
-from dinov2.eval.classifier import load_classifier
 from dinov2.models.vision_transformer import DinoVisionTransformer
 from dinov2.models.weights import export_backbone
 from dinov2.run.demo_classifier import train_demo_classifier
 from dinov2.run.serve import get_args_parser
 from dinov2.serve.service import ClassifierService
+from dinov2.transfer.classifier import load_classifier
 
 CLASSES = ("basophil", "neutrophil", "platelet")
 

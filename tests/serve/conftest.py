@@ -8,10 +8,10 @@ accuracy does not matter; what matters is a real `best.pth` written by `dinov2-f
 import pytest
 from serve_helpers import CLASSES, TrainedClassifier, tiny_vit_with_registers
 
+from dinov2.data.split import split_dataset
 from dinov2.data.synthetic import generate_synthetic_cells
-from dinov2.eval.finetune import FinetuneConfig, train_classifier
-from dinov2.eval.split import split_dataset
 from dinov2.models.weights import export_backbone
+from dinov2.transfer.finetune import FinetuneConfig, train_classifier
 
 
 @pytest.fixture(scope="session")

@@ -13,10 +13,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from serve_helpers import decompression_bomb_png, truncated
 
-from dinov2.eval.infer import main as infer_main
-from dinov2.eval.infer import predict as infer_predict
 from dinov2.serve.app import STATIC_DIR, create_app
 from dinov2.serve.service import ClassifierService
+from dinov2.transfer.infer import main as infer_main
+from dinov2.transfer.infer import predict as infer_predict
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 from serve_helpers import CLASSES, running_server, truncated
 
-from dinov2.eval.infer import main as infer_main
+from dinov2.transfer.infer import main as infer_main
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 INSTALL_SCRIPT = REPO_ROOT / "scripts" / "install_browser.sh"

@@ -15,9 +15,7 @@ from PIL import Image
 from serve_helpers import decompression_bomb_png, truncated
 
 from dinov2.eval.attention_maps import compute_attention_maps
-from dinov2.eval.classifier import load_classifier
 from dinov2.eval.features import FeatureSet
-from dinov2.eval.infer import predict as infer_predict
 from dinov2.serve.overlay import (
     attention_overlays,
     blend_heatmap,
@@ -27,6 +25,8 @@ from dinov2.serve.overlay import (
 )
 from dinov2.serve.retrieval import ReferenceIndex
 from dinov2.serve.service import ClassifierService, Upload
+from dinov2.transfer.classifier import load_classifier
+from dinov2.transfer.infer import predict as infer_predict
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Tests of dinov2/eval/finetune.py and dinov2/eval/classifier.py (tiny ViTs on CPU)."""
+"""Tests of dinov2/transfer/ (finetune, config, loop, outputs, classifier) on tiny ViTs on CPU."""
 
 import csv
 import inspect
@@ -14,20 +14,23 @@ from safetensors.torch import load_file
 from sklearn.linear_model import LogisticRegression
 from sklearn.utils.class_weight import compute_class_weight
 
-import dinov2.eval.finetune as finetune
-from dinov2.eval.classifier import (
+import dinov2.transfer.finetune as finetune
+from dinov2.data.split import split_dataset
+from dinov2.eval.metrics import classification_metrics
+from dinov2.models.vision_transformer import DinoVisionTransformer
+from dinov2.models.weights import export_backbone
+from dinov2.transfer.classifier import (
     BackboneClassifier,
+    LinearClassifierHead,
     balanced_class_weights,
     classifier_param_groups,
     load_classifier,
     preprocessing_for,
     vit_layer_id,
 )
-from dinov2.eval.finetune import FinetuneConfig, train_classifier, train_linear_head, warmup_cosine
-from dinov2.eval.metrics import classification_metrics
-from dinov2.eval.split import split_dataset
-from dinov2.models.vision_transformer import DinoVisionTransformer
-from dinov2.models.weights import export_backbone
+from dinov2.transfer.finetune import FinetuneConfig, get_args_parser, train_classifier
+from dinov2.transfer.loop import epoch_seed, make_optimizer, make_train_loader, run_epoch, warmup_cosine
+from dinov2.utils.utils import fix_random_seeds
 
 CLASSES = ("blue", "green", "red")
 COLORS = {"blue": (40, 60, 200), "green": (40, 190, 60), "red": (210, 50, 50)}
@@ -94,10 +97,33 @@ def test_linear_head_matches_logistic_regression():
     x_test, y_test = sample(2000)
     sk_acc = LogisticRegression(max_iter=2000).fit(x_train, y_train).score(x_test, y_test)
     assert 0.55 < sk_acc < 0.97  # the task is neither trivial nor hopeless, so the comparison means something
-    head = train_linear_head(
-        torch.from_numpy(x_train), torch.from_numpy(y_train), n_classes, epochs=40, batch_size=128, lr=2e-2,
-        weight_decay=1e-4, seed=0,
-    )  # fmt: skip
+    # The classifier's own loop (as `train_classifier` runs it on cached features): the head alone,
+    # AdamW + warm-up/cosine, re-seeded every epoch.
+    epochs, cpu = 40, torch.device("cpu")
+    features, labels = torch.from_numpy(x_train), torch.from_numpy(y_train)
+    fix_random_seeds(0)
+    head = LinearClassifierHead(dim, n_classes)
+    generator = torch.Generator()
+    loader = make_train_loader(
+        torch.utils.data.TensorDataset(features, labels),
+        labels.tolist(),
+        n_classes,
+        128,
+        "none",
+        0,
+        generator,
+        cpu,
+    )
+    params = [
+        {"params": [head.linear.weight], "lr": 2e-2, "weight_decay": 1e-4},
+        {"params": [head.linear.bias], "lr": 2e-2, "weight_decay": 0.0},
+    ]
+    optimizer, scheduler = make_optimizer(params, epochs * len(loader), 0)
+    for epoch in range(epochs):
+        fix_random_seeds(epoch_seed(0, epoch))
+        generator.manual_seed(epoch_seed(0, epoch))
+        run_epoch(head, loader, torch.nn.CrossEntropyLoss(), cpu, optimizer, scheduler, progress=False)
+    head.eval()
     with torch.no_grad():
         ours = head(torch.from_numpy(x_test)).argmax(1).numpy()
     assert abs(np.mean(ours == y_test) - sk_acc) <= 0.02
@@ -115,7 +141,7 @@ def test_balanced_sampler_draws_classes_equally():
     targets = [0] * 80 + [1] * 15 + [2] * 5
     gen = torch.Generator().manual_seed(0)
     ds = torch.utils.data.TensorDataset(torch.zeros(100, 1), torch.tensor(targets))
-    loader = finetune._train_loader(ds, targets, 3, 100, "sampler", 0, gen, torch.device("cpu"))
+    loader = make_train_loader(ds, targets, 3, 100, "sampler", 0, gen, torch.device("cpu"))
     drawn = torch.cat([torch.cat([y for _, y in loader]) for _ in range(30)])
     freq = torch.bincount(drawn, minlength=3).float() / len(drawn)
     # 3000 draws with p = 1/3 each: std ~ 0.009, so 0.04 is > 4 sigma
@@ -297,3 +323,89 @@ def test_config_and_cli_errors(setup, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         finetune.main(["--data", str(data), "--backbone", str(backbone_path), "--mode", "probe"])
     assert e.value.code == 2
+
+
+def test_cli_flags_come_from_the_config_fields():
+    """Every FinetuneConfig field is a flag with its docstring as help; the historical flags parse."""
+    parser = get_args_parser()
+    args = parser.parse_args(["--data", "d", "--backbone", "b"])
+    defaults = FinetuneConfig(data="d", backbone="b", output_dir="finetune_output")
+    assert FinetuneConfig(**vars(args)) == defaults
+    argv = [
+        "--data",
+        "d",
+        "--backbone",
+        "b",
+        "--output-dir",
+        "o",
+        "--mode",
+        "finetune",
+        "--head",
+        "cls+avgpool",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "5",
+        "--lr",
+        "0.5",
+        "--backbone-lr-mult",
+        "0.2",
+        "--layer-decay",
+        "0.9",
+        "--weight-decay",
+        "0.01",
+        "--warmup-epochs",
+        "1.5",
+        "--balance",
+        "sampler",
+        "--image-size",
+        "28",
+        "--crop-pct",
+        "0.875",
+        "--crop-scale-min",
+        "0.5",
+        "--color-jitter",
+        "0",
+        "--cache-features",
+        "--device",
+        "cpu",
+        "--num-workers",
+        "0",
+        "--seed",
+        "7",
+        "--no-resume",
+        "--no-progress",
+    ]
+    expected = FinetuneConfig(
+        data="d",
+        backbone="b",
+        output_dir="o",
+        mode="finetune",
+        head="cls+avgpool",
+        epochs=3,
+        batch_size=5,
+        lr=0.5,
+        backbone_lr_mult=0.2,
+        layer_decay=0.9,
+        weight_decay=0.01,
+        warmup_epochs=1.5,
+        balance="sampler",
+        image_size=28,
+        crop_pct=0.875,
+        crop_scale_min=0.5,
+        color_jitter=0.0,
+        cache_features=True,
+        device="cpu",
+        num_workers=0,
+        seed=7,
+        resume=False,
+        progress=False,
+    )
+    assert FinetuneConfig(**vars(parser.parse_args(argv))) == expected
+    help_text = " ".join(parser.format_help().split())
+    # the field's docstring, written once in config.py, is the flag's help
+    assert "Number of passes over TRN." in help_text
+    assert "Data-loading worker processes. (default: 4)" in help_text
+    for bad in (["--mode", "probe"], ["--balance", "oversample"], ["--head", "avg"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--data", "d", "--backbone", "b", *bad])

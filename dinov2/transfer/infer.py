@@ -2,9 +2,8 @@
 
 Input: a ``best.pth`` written by `dinov2-finetune` and image files and/or folders (searched
 recursively for the same extensions the datasets read; hidden files skipped). Output: a printed
-table (path and top-k classes with probabilities) or a CSV with one row per file: ``path``,
-``predicted_class``, ``probability`` (of the predicted class), ``prob_<class>`` for every class,
-and ``error``.
+table (path and top-k classes with probabilities) or a CSV with one row per file (the layout of
+`dinov2.transfer.predictions`).
 
 A file that cannot be decoded never stops the run: its row has an empty prediction and the
 reason in ``error`` (CSV) or is listed under "errors" (table). The exit status is 0 in that case
@@ -19,46 +18,19 @@ Example::
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from dinov2.eval.classifier import BackboneClassifier, Preprocessing, load_classifier, make_eval_transform
-
-
-@dataclass
-class Prediction:
-    """The classifier's output for one file (``error`` set and the rest None when unreadable)."""
-
-    path: str
-    predicted_class: str | None
-    probability: float | None
-    """Probability of ``predicted_class``."""
-    probabilities: dict[str, float] | None
-    """Class name -> softmax probability, in the model's class order."""
-    error: str | None = None
-
-    @classmethod
-    def from_probs(cls, path: str, probs: Sequence[float] | np.ndarray, classes: Sequence[str]) -> Prediction:
-        """Prediction from one row of softmax probabilities (argmax; ties go to the first class)."""
-        probs = np.asarray(probs, dtype=np.float64)
-        best = int(probs.argmax())
-        return cls(path, classes[best], float(probs[best]), {c: float(p) for c, p in zip(classes, probs)})
-
-    def topk(self, k: int) -> list[tuple[str, float]]:
-        """The ``k`` most probable (class, probability) pairs, most probable first."""
-        if self.probabilities is None:
-            return []
-        return sorted(self.probabilities.items(), key=lambda kv: -kv[1])[:k]
+from dinov2.eval.features import Preprocessing
+from dinov2.transfer.classifier import BackboneClassifier, load_classifier, make_eval_transform
+from dinov2.transfer.predictions import Prediction, write_predictions_csv
+from dinov2.utils.device import autocast_for, resolve_device
 
 
 def expand_inputs(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
@@ -127,8 +99,6 @@ def predict(
     Raises:
         FileNotFoundError: missing model or input path. ValueError: not a classifier checkpoint.
     """
-    from dinov2.eval.finetune import resolve_device
-
     dev = resolve_device(device)
     model, classes, prep = load_classifier(model_path, dev)
     return predict_with_model(model, classes, prep, inputs, batch_size, num_workers, progress)
@@ -145,8 +115,6 @@ def predict_with_model(
     progress: bool = True,
 ) -> list[Prediction]:
     """`predict` with an already loaded model (see `load_classifier`); runs on the model's device."""
-    from dinov2.eval.finetune import autocast_for
-
     if batch_size < 1 or num_workers < 0:
         raise ValueError(f"need batch_size >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
     dev = next(model.parameters()).device
@@ -170,41 +138,6 @@ def predict_with_model(
         for i, row in zip(indices, probs):
             results[i] = Prediction.from_probs(paths[i], row, classes)
     return [r for r in results if r is not None]
-
-
-def write_predictions_csv(
-    path: str | os.PathLike,
-    predictions: Sequence[Prediction],
-    classes: Sequence[str],
-    true_classes: Sequence[str] | None = None,
-) -> None:
-    """CSV with columns path, [true_class,] predicted_class, probability, prob_<class>..., error."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        write_predictions_rows(f, predictions, classes, true_classes)
-
-
-def write_predictions_rows(
-    f: TextIO,
-    predictions: Sequence[Prediction],
-    classes: Sequence[str],
-    true_classes: Sequence[str] | None = None,
-) -> None:
-    """`write_predictions_csv`'s header and rows into an open text stream (opened with
-    ``newline=""``, or a `io.StringIO`), so other tools (the web app) write the same CSV."""
-    header = ["path"] + (["true_class"] if true_classes is not None else [])
-    header += ["predicted_class", "probability"] + [f"prob_{c}" for c in classes] + ["error"]
-    writer = csv.writer(f)
-    writer.writerow(header)
-    for k, p in enumerate(predictions):
-        row: list[object] = [p.path] + ([true_classes[k]] if true_classes is not None else [])
-        if p.probabilities is None:
-            row += ["", ""] + [""] * len(classes) + [p.error or ""]
-        else:
-            row += [p.predicted_class, f"{p.probability:.6f}"]
-            row += [f"{p.probabilities[c]:.6f}" for c in classes] + [""]
-        writer.writerow(row)
 
 
 def format_table(predictions: Sequence[Prediction], topk: int = 3) -> str:
@@ -248,8 +181,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.topk < 1:
             raise ValueError(f"--topk must be >= 1, got {args.topk}")
-        from dinov2.eval.finetune import resolve_device
-
         model, classes, prep = load_classifier(args.model, resolve_device(args.device))
         predictions = predict_with_model(
             model, classes, prep, args.inputs, args.batch_size, args.num_workers, args.progress

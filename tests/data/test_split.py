@@ -1,4 +1,4 @@
-"""Tests of dinov2/eval/split.py: stratified, disjoint, complete, deterministic, SRC untouched."""
+"""Tests of dinov2/data/split.py: stratified, disjoint, complete, deterministic, SRC untouched."""
 
 import hashlib
 import os
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dinov2.eval.split import (
+from dinov2.data.split import (
     MANIFEST_NAME,
     SPLIT_NAMES,
     largest_remainder_counts,

@@ -1,4 +1,4 @@
-"""Tests of dinov2/eval/infer.py: reproduces training-time predictions, survives broken files."""
+"""Tests of dinov2/transfer/infer.py: reproduces training-time predictions, survives broken files."""
 
 import csv
 import os
@@ -10,11 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from dinov2.eval.finetune import FinetuneConfig, train_classifier
-from dinov2.eval.infer import Prediction, expand_inputs, format_table, main, predict
-from dinov2.eval.split import split_dataset
+from dinov2.data.split import split_dataset
 from dinov2.models.vision_transformer import DinoVisionTransformer
 from dinov2.models.weights import export_backbone
+from dinov2.transfer.finetune import FinetuneConfig, train_classifier
+from dinov2.transfer.infer import expand_inputs, format_table, main, predict
+from dinov2.transfer.predictions import Prediction
 
 CLASSES = ("dark", "light")
 

@@ -1,7 +1,7 @@
 """Backbone + linear head classifier, its preprocessing, optimiser groups and checkpoint format.
 
-Used by `dinov2-finetune` (training, `dinov2/eval/finetune.py`) and `dinov2-infer` (prediction,
-`dinov2/eval/infer.py`). A classifier checkpoint (``best.pth``) is self-contained: it holds the
+Used by `dinov2-finetune` (training, `dinov2/transfer/finetune.py`) and `dinov2-infer` (prediction,
+`dinov2/transfer/infer.py`). A classifier checkpoint (``best.pth``) is self-contained: it holds the
 full state dict (backbone and head), the backbone's constructor arguments, the head layout, the
 class names and the preprocessing, so `load_classifier` rebuilds the model without the original
 backbone file.
@@ -31,7 +31,6 @@ from dinov2.data.transforms import MaybeToTensor, make_normalize_transform
 from dinov2.eval.features import Preprocessing, pool_tokens
 from dinov2.models.vision_transformer import DinoVisionTransformer, convert_block_layout
 from dinov2.models.weights import backbone_config
-from dinov2.train.checkpointing import atomic_torch_save  # noqa: F401 (re-exported)
 
 POOLINGS = ("cls", "cls+avgpool")
 CHECKPOINT_FORMAT = "dinov2-cells-classifier"

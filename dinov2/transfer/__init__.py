@@ -1,0 +1,43 @@
+"""Supervised transfer: a classifier on a DINOv2 backbone, its training and its predictions.
+
+- `classifier`: the model (backbone + linear head), its preprocessing, optimiser groups and the
+  self-contained checkpoint format (``best.pth``);
+- `config`, `loop`, `outputs`, `finetune`: `dinov2-finetune` (its settings, the epoch loop, what a
+  run writes, and `train_classifier` with the command line);
+- `predictions`, `infer`: a `Prediction` per file, the predictions CSV, and `dinov2-infer`.
+
+The data split they start from (`dinov2-split`) is `dinov2.data.split`. The names below are
+imported lazily on first access, so ``import dinov2.transfer`` stays cheap.
+
+Example::
+
+    from dinov2.transfer import FinetuneConfig, predict, train_classifier
+    result = train_classifier(FinetuneConfig(data="split", backbone="w.pth", output_dir="out"))
+    predictions = predict(result.best_checkpoint, "new_cells/")
+"""
+
+from importlib import import_module
+from typing import Any
+
+_LAZY = {
+    "BackboneClassifier": "dinov2.transfer.classifier",
+    "load_classifier": "dinov2.transfer.classifier",
+    "FinetuneConfig": "dinov2.transfer.config",
+    "FinetuneResult": "dinov2.transfer.config",
+    "train_classifier": "dinov2.transfer.finetune",
+    "Prediction": "dinov2.transfer.predictions",
+    "write_predictions_csv": "dinov2.transfer.predictions",
+    "predict": "dinov2.transfer.infer",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'dinov2.transfer' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__
