@@ -38,7 +38,7 @@ _LAZY = {
     "bootstrap_ci": "dinov2.eval.protocols",
     "cross_dataset_eval": "dinov2.eval.protocols",
     "cross_validate": "dinov2.eval.protocols",
-    "stratified_kfold_indices": "dinov2.eval.protocols",
+    "stratified_kfold_indices": "dinov2.eval.folds",
     "train_val_test": "dinov2.eval.protocols",
     "markdown_table": "dinov2.eval.reports",
     "plot_confusion_matrix": "dinov2.eval.reports",

@@ -32,6 +32,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from dinov2.eval.folds import stratified_kfold_indices, stratified_split
 from dinov2.eval.metrics import classification_metrics
 from dinov2.utils.device import resolve_device
 
@@ -104,9 +105,6 @@ def fit_logistic_regression(x, y, C: float, *, max_iter: int = 1000, seed: int =
 
 
 def _inner_splits(y: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    # Imported here, not at the top: the protocols package imports this module.
-    from dinov2.eval.protocols.folds import stratified_kfold_indices
-
     return stratified_kfold_indices(y, n_folds=folds, seed=seed)
 
 
@@ -296,9 +294,6 @@ def torch_linear_probe(
     """
     x, y = _check_xy(x, y, "training set")
     if x_val is None and y_val is None:
-        # Imported here, not at the top: the protocols package imports this module.
-        from dinov2.eval.protocols.folds import stratified_split
-
         tr, va = stratified_split(y, config.val_fraction, seed=config.seed)
         x, x_val, y, y_val = x[tr], x[va], y[tr], y[va]
     else:

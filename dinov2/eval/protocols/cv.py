@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from dinov2.eval.folds import stratified_kfold_indices
 from dinov2.eval.metrics import classification_metrics
 from dinov2.eval.protocols.classifiers import ClassifierConfig, fit_predict, labeled_arrays
-from dinov2.eval.protocols.folds import stratified_kfold_indices
 from dinov2.eval.protocols.result import EvalResult
 
 

@@ -13,11 +13,11 @@ from typing import Any
 
 import numpy as np
 
+from dinov2.eval.folds import stratified_split
 from dinov2.eval.metrics import classification_metrics
 from dinov2.eval.protocols.bootstrap import add_bootstrap
 from dinov2.eval.protocols.classifiers import ClassifierConfig, fit_predict, labeled_arrays
 from dinov2.eval.protocols.cross_dataset import relabel
-from dinov2.eval.protocols.folds import stratified_split
 from dinov2.eval.protocols.result import EvalResult
 
 
