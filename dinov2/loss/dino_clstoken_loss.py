@@ -104,12 +104,16 @@ def sinkhorn_knopp(
     # but a sample whose scores all sit far below another's no longer underflows to 0 / 0 = NaN.
     log_q = (scores.float() / teacher_temp).t()  # [K, n]: prototypes x samples, as in the SwAV paper
     n_protos = log_q.shape[0]
-    b = float(n_samples_total.item() if isinstance(n_samples_total, Tensor) else n_samples_total)
+    if isinstance(n_samples_total, Tensor):
+        # log(B) stays on the device: reading the count would synchronise host and device every step.
+        log_b = n_samples_total.detach().reshape(-1)[0].to(log_q.device, torch.float64).log().float()
+    else:
+        log_b = math.log(n_samples_total)
     log_q = log_q - _global_logsumexp(log_q.reshape(1, -1))  # total mass 1 over all ranks
     for _ in range(n_iterations):
         log_q = log_q - _global_logsumexp(log_q) - math.log(n_protos)  # each prototype: 1 / K
-        log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True) - math.log(b)  # each sample: 1 / B
-    return torch.exp(log_q + math.log(b)).t()  # columns sum to 1: an assignment per sample
+        log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True) - log_b  # each sample: 1 / B
+    return torch.exp(log_q + log_b).t()  # columns sum to 1: an assignment per sample
 
 
 def _global_logsumexp(x: Tensor) -> Tensor:

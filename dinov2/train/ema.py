@@ -1,7 +1,8 @@
 """Exponential moving average of the student into the teacher (the "momentum teacher" of DINO).
 
-teacher <- m * teacher + (1 - m) * student, for every parameter, in two fused ``_foreach_`` kernels
-(one launch each for the whole model instead of one per parameter). Works on plain tensors and on
+teacher <- m * teacher + (1 - m) * student, for every parameter, in one fused ``_foreach_lerp_``
+kernel (teacher + (1 - m) * (student - teacher): one launch for the whole model instead of one per
+parameter, and one pass over the teacher instead of a multiply and an add). Works on plain tensors and on
 FSDP2-sharded DTensors (the teacher and student shards then line up).
 
 Example::
@@ -34,8 +35,7 @@ def update_ema(teacher_params: Sequence[Tensor], student_params: Sequence[Tensor
             raise ValueError(f"tensor {i}: teacher shape {tuple(t.shape)} != student shape {tuple(s.shape)}")
     if not teacher_params:
         return
-    torch._foreach_mul_(teacher_params, momentum)
-    torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
+    torch._foreach_lerp_(teacher_params, student_params, 1.0 - momentum)
 
 
 def paired_parameters(teacher: nn.Module, student: nn.Module) -> tuple[list[Tensor], list[Tensor]]:

@@ -94,6 +94,12 @@ class MetricsLogger:
                 parts.append(f"{key} {record[key]:.4g}")
         if "images_per_second" in record:
             parts.append(f"{record['images_per_second']:.1f} img/s")
+        phases = [
+            (k, record.get(f"{k}_time")) for k in ("data", "forward_backward", "grad_sync", "optimizer")
+        ]
+        if all(isinstance(v, int | float) for _, v in phases):
+            # The split of the last step, measured with the device synchronised between phases.
+            parts.append("step " + " ".join(f"{k} {1000 * v:.0f}ms" for k, v in phases))
         if "peak_memory_mb" in record:
             parts.append(f"mem {record['peak_memory_mb']:.0f} MiB")
         parts.append(f"ETA {eta}")

@@ -149,18 +149,32 @@ class PreemptionFlag:
 
         A collective (one all_reduce of a few numbers) when torch.distributed is initialised: all
         ranks of `group` must call it at the same point. Without a process group it is `is_set()`.
+        The training step does not call this: it sends `local_flags()` along with its losses'
+        all_reduce and hands the sums to `merge_flags()`, which saves a synchronisation per step.
         """
         if not (dist.is_available() and dist.is_initialized()):
             return self.is_set()
         device = torch.device("cpu")
         if dist.get_backend(group) == "nccl":
             device = torch.device("cuda", torch.cuda.current_device())
-        caught = torch.tensor([float(s in self.received) for s in self.signals], device=device)
+        caught = torch.tensor(self.local_flags(), device=device)
         dist.all_reduce(caught, op=dist.ReduceOp.MAX, group=group)
-        for signum, anywhere in zip(self.signals, caught.tolist()):
+        return self.merge_flags(caught.tolist())
+
+    def local_flags(self) -> list[float]:
+        """1.0 for each of `signals` this process caught, else 0.0 (to be reduced over processes)."""
+        return [float(s in self.received) for s in self.signals]
+
+    def merge_flags(self, reduced: Sequence[float]) -> bool:
+        """Record the signals that `reduced` (the sum or max over processes of `local_flags()`) shows
+        some process caught; return whether any did. Every process gets the same answer (a signal
+        this process caught after taking its flags counts at the next exchange)."""
+        if len(reduced) != len(self.signals):
+            raise ValueError(f"expected {len(self.signals)} reduced flags, got {len(reduced)}")
+        for signum, anywhere in zip(self.signals, reduced):
             if anywhere > 0.5:
                 self._record(signum)
-        return self.is_set()
+        return any(x > 0.5 for x in reduced)
 
     # -- after the loop stopped -----------------------------------------------------------------
     def chain_previous_handler(self) -> None:

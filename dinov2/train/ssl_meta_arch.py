@@ -23,10 +23,11 @@ The returned dict keeps DINOv2's logged values: ``koleo_loss`` and ``ibot_loss``
 divided by 2 (per global crop), ``total_loss`` is the exact quantity that was back-propagated.
 
 Distributed training: the loss and center code is collective-aware (all_reduce in centering/Sinkhorn).
-Gradients are averaged, or the parts sharded with FSDP2, by dinov2.train.distributed_wrap: the student
-is called part by part (``student["backbone"].forward_features_list``, ``student["dino_head"]``,
-``student["ibot_head"]``), so a wrapper must act on those parts or average gradients after backward;
-every student parameter receives a gradient (possibly zero) on every step, so ranks always agree.
+Gradients are averaged (per-parameter hooks, overlapped with backward), or the parts sharded with
+FSDP2, by dinov2.train.distributed_wrap: the student is called part by part
+(``student["backbone"].forward_features_list``, ``student["dino_head"]``, ``student["ibot_head"]``), so
+a wrapper must act on those parts or on each parameter; every trainable student parameter receives a
+gradient (possibly zero) on every step, so ranks always agree.
 """
 
 import logging
@@ -58,17 +59,25 @@ class SSLObjectiveConfig:
     ibot_separate_head: bool  # iBOT uses its own head instead of the DINO head (cfg.ibot.separate_head)
     centering: str  # "centering" (softmax) or "sinkhorn_knopp" (cfg.train.centering)
     autocast_dtype: torch.dtype  # compute dtype on CUDA (cfg.compute_precision.student.backbone...)
+    head_dtypes: dict  # (who, head) -> compute dtype of that head (compute_precision.<who>.<head>...)
 
     @classmethod
     def from_cfg(cls, cfg: Any) -> "SSLObjectiveConfig":
         centering = str(cfg.train.centering)
         if centering not in ("centering", "sinkhorn_knopp"):
             raise ValueError(f"train.centering must be 'centering' or 'sinkhorn_knopp', got {centering!r}")
-        dtype_name = str(cfg.compute_precision.student.backbone.mixed_precision.param_dtype)
-        if dtype_name not in _DTYPES:
-            raise ValueError(
-                f"mixed_precision.param_dtype must be one of {sorted(_DTYPES)}, got {dtype_name!r}"
-            )
+        names = {
+            (who, part): str(cfg.compute_precision[who][part].mixed_precision.param_dtype)
+            for who in ("student", "teacher")
+            for part in ("backbone", "dino_head", "ibot_head")
+        }
+        for (who, part), dtype_name in names.items():
+            if dtype_name not in _DTYPES:
+                raise ValueError(
+                    f"compute_precision.{who}.{part}.mixed_precision.param_dtype must be one of "
+                    f"{sorted(_DTYPES)}, got {dtype_name!r}"
+                )
+        dtype_name = names["student", "backbone"]
         out = cls(
             dino_loss_weight=float(cfg.dino.loss_weight),
             koleo_loss_weight=float(cfg.dino.koleo_loss_weight),
@@ -76,6 +85,7 @@ class SSLObjectiveConfig:
             ibot_separate_head=bool(cfg.ibot.separate_head),
             centering=centering,
             autocast_dtype=_DTYPES[dtype_name],
+            head_dtypes={key: _DTYPES[n] for key, n in names.items() if key[1] != "backbone"},
         )
         for name in ("dino_loss_weight", "koleo_loss_weight", "ibot_loss_weight"):
             if getattr(out, name) < 0:
@@ -188,10 +198,29 @@ class SSLMetaArch(nn.Module):
         """Freeze (head warm-up of continued pretraining) or unfreeze the student backbone."""
         self.student["backbone"].requires_grad_(not frozen)
 
+    # Devices where autocast runs (the CPU computes in float32; tests add "cpu" to check the casts).
+    autocast_devices: tuple[str, ...] = ("cuda",)
+
     def _autocast(self, device: torch.device):
         dtype = self.autocast_dtype
-        enabled = device.type == "cuda" and dtype is not None and dtype != torch.float32
+        enabled = device.type in self.autocast_devices and dtype is not None and dtype != torch.float32
         return torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=enabled)
+
+    def _run_head(self, who: str, name: str, x: Tensor) -> Tensor:
+        """`who`'s head `name` on x, in the head's own compute dtype (compute_precision.<who>.<name>).
+
+        fp32 heads (the default) keep the ~0.05 nats of bf16 rounding out of the teacher targets at
+        temperature 0.04. Under FSDP2 (autocast_dtype None) the part's MixedPrecisionPolicy casts.
+        """
+        head = getattr(self, who)[name]
+        if self.autocast_dtype is None or x.device.type not in self.autocast_devices:
+            return head(x)
+        dtype = self.objective.head_dtypes[who, name]
+        if dtype == torch.float32:
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                return head(x.float())
+        with torch.autocast(device_type=x.device.type, dtype=dtype):
+            return head(x)
 
     # ------------------------------------------------------------------------------- the step
     def forward(self, *args, **kwargs):
@@ -257,7 +286,7 @@ class SSLMetaArch(nn.Module):
             raise ValueError(
                 f"{local_crops.shape[0]} local crops is not a multiple of the batch size {batch_size}"
             )
-        if self.autocast_dtype is None or device.type != "cuda":
+        if self.autocast_dtype is None or device.type not in self.autocast_devices:
             global_crops, local_crops = global_crops.float(), local_crops.float()
         masks = images["collated_masks"].to(device, non_blocking=True)
         if masks.shape[0] != global_crops.shape[0]:
@@ -287,11 +316,13 @@ class SSLMetaArch(nn.Module):
         if self.do_ibot:
             masked_patches = out["x_norm_patchtokens"].flatten(0, 1).index_select(0, batch["mask_indices"])
         if self.do_ibot and not self.ibot_separate_head:
-            logits = self.teacher["dino_head"](torch.cat((cls, masked_patches))).float()
+            logits = self._run_head("teacher", "dino_head", torch.cat((cls, masked_patches))).float()
             cls_logits, patch_logits = logits[:n_cls], logits[n_cls:]
         else:
-            cls_logits = self.teacher["dino_head"](cls).float()
-            patch_logits = self.teacher["ibot_head"](masked_patches).float() if self.do_ibot else None
+            cls_logits = self._run_head("teacher", "dino_head", cls).float()
+            patch_logits = (
+                self._run_head("teacher", "ibot_head", masked_patches).float() if self.do_ibot else None
+            )
 
         if self.objective.centering == "centering":
             dino_targets = self.dino_loss.softmax_center_teacher(cls_logits, teacher_temp)
@@ -333,7 +364,7 @@ class SSLMetaArch(nn.Module):
             )
             if not self.ibot_separate_head:
                 head_inputs.append(masked_patches)
-        logits = self.student["dino_head"](torch.cat(head_inputs)).float()
+        logits = self._run_head("student", "dino_head", torch.cat(head_inputs)).float()
         sizes = [t.shape[0] for t in head_inputs]
         parts = list(logits.split(sizes))
         result = {"global_backbone_cls": global_cls, "global_cls": parts[0]}
@@ -347,7 +378,9 @@ class SSLMetaArch(nn.Module):
                 max(batch["upperbound"], batch["n_masked"]), masked_patches.shape[1]
             )
             padded[: batch["n_masked"]] = masked_patches
-            result["masked_patches"] = self.student["ibot_head"](padded).float()[: batch["n_masked"]]
+            result["masked_patches"] = self._run_head("student", "ibot_head", padded).float()[
+                : batch["n_masked"]
+            ]
         return result
 
     def _losses(

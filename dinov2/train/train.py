@@ -29,7 +29,6 @@ if __name__ == "__main__" and not __package__:
 
 import argparse  # noqa: E402
 import logging  # noqa: E402
-import math  # noqa: E402
 import signal  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -58,7 +57,7 @@ from dinov2.train.collapse import (  # noqa: E402
     collapse_warnings_by_metric,
 )
 from dinov2.train.distributed_wrap import (  # noqa: E402
-    GradientAverager,
+    GradientSync,
     apply_fsdp2,
     broadcast_module_state_,
     compile_backbones,
@@ -67,8 +66,15 @@ from dinov2.train.metrics_logger import MetricsLogger, peak_memory_mb  # noqa: E
 from dinov2.train.online_knn import OnlineKNN  # noqa: E402
 from dinov2.train.precision import apply_device_precision  # noqa: E402
 from dinov2.train.preemption import DEFAULT_SIGNALS, PreemptionFlag  # noqa: E402
-from dinov2.train.schedules import apply_optim_scheduler, build_schedulers  # noqa: E402
+from dinov2.train.schedules import build_schedulers  # noqa: E402
 from dinov2.train.ssl_meta_arch import SSLMetaArch  # noqa: E402
+from dinov2.train.step import (  # noqa: E402, F401
+    NonFiniteLossError,
+    StepContext,
+    build_optimizer,
+    optimizer_step,
+    train_step,
+)
 from dinov2.utils import distributed  # noqa: E402
 from dinov2.utils.config import ConfigError, setup_config  # noqa: E402
 from dinov2.utils.logging import remove_handlers, setup_logging  # noqa: E402
@@ -88,10 +94,6 @@ class TrainResult:
     """Iterations completed when it returned."""
     output_dir: str = ""
     """The run folder."""
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A loss term became NaN or infinite; the last finite state was saved before raising."""
 
 
 class CollapseError(RuntimeError):
@@ -278,74 +280,6 @@ def newest_outputs_before(output_dir: Path, iteration: int) -> tuple[Path | None
     return (checkpoints[-1] if checkpoints else None), (exports[-1][1] if exports else None)
 
 
-def discard_pending_center_updates(model: torch.nn.Module) -> None:
-    """Drop lazy center updates started by a step whose loss was not finite (they hold its NaNs)."""
-    for module in model.modules():
-        if getattr(module, "updated", True) is False and hasattr(module, "async_batch_center"):
-            handle = getattr(module, "reduce_handle", None)
-            if handle is not None:
-                handle.wait()
-                module.reduce_handle = None
-            module.updated = True
-
-
-def reduce_losses(loss_dict: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Mean over processes of each loss (one all_reduce); adds total_loss when absent."""
-    names = list(loss_dict)
-    values = torch.stack([loss_dict[k].detach().float().reshape(()) for k in names])
-    distributed.all_reduce_mean_(values)
-    out = dict(zip(names, values.tolist()))
-    if "total_loss" not in out:
-        out["total_loss"] = sum(out.values())
-    return out
-
-
-def train_step(model, optimizer, scaler, averager, data: dict, schedules, it: int, cfg: DictConfig):
-    """Iteration `it`: teacher targets, student predictions, losses, backward, clip, step, EMA.
-
-    Returns (losses averaged over processes, per-part gradient norms). Raises NonFiniteLossError
-    naming the bad terms before any weight, optimizer state or loss center has changed.
-    """
-    apply_optim_scheduler(optimizer, schedules.lr[it], schedules.wd[it], schedules.last_layer_lr[it])
-    optimizer.zero_grad(set_to_none=True)
-    loss_dict = model.forward_backward(data, teacher_temp=schedules.teacher_temp[it], grad_scaler=scaler)
-    losses = reduce_losses(loss_dict)  # every process sees the same values, so all stop together
-    bad = [k for k, v in losses.items() if not math.isfinite(v)]
-    if bad:
-        discard_pending_center_updates(model)
-        optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteLossError(
-            f"non-finite loss at iteration {it}: " + ", ".join(f"{k}={losses[k]}" for k in bad)
-        )
-    grad_norms = optimizer_step(model, optimizer, scaler, averager, cfg.optim.clip_grad)
-    model.update_teacher(schedules.momentum[it])
-    return losses, grad_norms
-
-
-def optimizer_step(model, optimizer, scaler, averager, clip_grad: float) -> dict[str, torch.Tensor]:
-    """After backward: average gradients (ddp), unscale (fp16), clip each student part, step.
-
-    Returns the pre-clipping gradient norm of each student part (`grad_norm_<part>`).
-    """
-    if averager is not None:
-        averager()
-    if scaler.is_enabled():
-        scaler.unscale_(optimizer)
-    grad_norms = {}
-    if clip_grad > 0:
-        # Per part, as DINOv2 does: a large head gradient must not shrink the backbone's.
-        for name, part in model.student.items():
-            params = [p for p in part.parameters() if p.grad is not None]
-            if params:
-                grad_norms[f"grad_norm_{name}"] = torch.nn.utils.clip_grad_norm_(params, clip_grad)
-    if scaler.is_enabled():
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    return grad_norms
-
-
 # ------------------------------------------------------------------------------------------ monitors
 @torch.no_grad()
 def teacher_collapse_metrics(model, images: torch.Tensor, teacher_temp: float, cfg: DictConfig) -> dict:
@@ -440,8 +374,9 @@ def do_train(
         broadcast_module_state_(model)
     start_iter = checkpoint["iteration"] if checkpoint is not None else 0
 
+    synced = list(model.student.parameters()) if cfg.train.distributed == "ddp" else []
     if cfg.train.distributed == "fsdp" and info.world_size > 1:
-        apply_fsdp2(model, cfg.compute_precision)
+        synced = apply_fsdp2(model, cfg.compute_precision)  # the NO_SHARD parts, if any
         model.autocast_dtype = None  # FSDP2's MixedPrecisionPolicy casts instead
     if cfg.train.compile:
         compile_backbones(model)
@@ -452,15 +387,14 @@ def do_train(
             "(it is meant for continued pretraining with student.pretrained_weights)",
             warmup_iters,
         )
-    optimizer = torch.optim.AdamW(
-        model.get_params_groups(), betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2)
-    )
+    optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=model_uses_fp16(cfg) and device.type == "cuda")
     if checkpoint is not None:
         set_optimizer_state_dict(model, optimizer, checkpoint["optimizer"], options=_FULL_LOAD)
         if checkpoint.get("grad_scaler") and scaler.is_enabled():
             scaler.load_state_dict(checkpoint["grad_scaler"])
-    averager = GradientAverager(model.student.parameters()) if cfg.train.distributed == "ddp" else None
+    # Gradients are all-reduced from hooks while backward runs (FSDP2 reduces the sharded parts).
+    grad_sync = GradientSync(synced) if synced and info.world_size > 1 else None
     schedules = build_schedulers(cfg, info.world_size)
 
     start_position = checkpoint["sampler"]["position"] if checkpoint is not None else 0
@@ -488,11 +422,13 @@ def do_train(
     saved_at = None  # iteration of the last checkpoint this run wrote
     frozen = None
     window = {"iter_time": 0.0, "data_time": 0.0, "n": 0}
+    ctx = StepContext(grad_sync=grad_sync, preemption=flag)
+    stop = False  # set by a step when any process caught a signal (agreed through its all_reduce)
     data_iter = None
     try:
         data_iter = iter(loader)
         while it < end_iter:
-            if flag.should_stop():
+            if stop:
                 if saved_at != it:  # not already saved by the periodic checkpoint of this iteration
                     state = training_state(model, optimizer, scaler, sampler, it, it - start_iter, cfg)
                     save_training_checkpoint(state, cfg, protect)
@@ -511,7 +447,9 @@ def do_train(
 
             teacher_temp = schedules.teacher_temp[it]
             try:
-                losses, grad_norms = train_step(model, optimizer, scaler, averager, data, schedules, it, cfg)
+                # Timed steps synchronise the device: only where a log line is due anyway.
+                ctx.timed = log_due(it + 1, end_iter, cfg)
+                out = train_step(model, optimizer, scaler, ctx, data, schedules, it, cfg)
             except NonFiniteLossError as error:
                 # Nothing was updated: save the state from before this iteration, then stop.
                 state = training_state(
@@ -522,26 +460,30 @@ def do_train(
                 raise NonFiniteLossError(f"{error}; the last finite state (before this iteration) was saved "
                                          f"to {saved}") from None  # fmt: skip
             it += 1
+            stop = out.stop
 
             window["iter_time"] += time.perf_counter() - t0
             window["data_time"] += t_data
             window["n"] += 1
             extra, warned = run_monitors(model, data, it, teacher_temp, knn, cfg, device)
-            if it % cfg.train.log_period_iterations == 0 or it == end_iter or extra:
+            if log_due(it, end_iter, cfg) or extra:
+                # Since the last timed step every step's device work has finished, so the window's
+                # time is the device's too, not only the host's.
                 n = window["n"]
                 iter_time = window["iter_time"] / n
                 record = {
                     "epoch": it / epoch_len,
-                    **losses,
+                    **out.loss_values(),
                     "lr": schedules.lr[it - 1],
                     "wd": schedules.wd[it - 1],
                     "momentum": schedules.momentum[it - 1],
                     "teacher_temp": teacher_temp,
                     "last_layer_lr": schedules.last_layer_lr[it - 1],
-                    **{k: float(v) for k, v in grad_norms.items()},
+                    **{k: float(v) for k, v in out.grad_norms.items()},
                     **extra,
                     "iter_time": iter_time,
                     "data_time": window["data_time"] / n,
+                    **out.times,  # this step's forward_backward_time, grad_sync_time, optimizer_time
                     "images_per_second": global_batch / iter_time,
                     "peak_memory_mb": peak_memory_mb(device),
                 }
@@ -568,9 +510,19 @@ def do_train(
         finally:
             flag.uninstall()
             metrics_log.close()
+            if grad_sync is not None:
+                grad_sync.close()
 
 
 _FULL_LOAD = StateDictOptions(full_state_dict=True)
+
+
+def log_due(it: int, end_iter: int, cfg: DictConfig) -> bool:
+    """True when a metrics line is written after `it` completed iterations (log period, last
+    iteration, or a collapse / kNN monitor)."""
+    periods = (cfg.train.log_period_iterations, cfg.train.collapse_check_period_iterations,
+               cfg.evaluation.knn_period_iterations)  # fmt: skip
+    return it == end_iter or any(p > 0 and it % p == 0 for p in periods)
 
 
 def model_uses_fp16(cfg: DictConfig) -> bool:

@@ -211,6 +211,16 @@ def check_values(cfg: DictConfig) -> list[str]:
             for name in ("param_dtype", "reduce_dtype", "buffer_dtype"):
                 key = f"{base}.mixed_precision.{name}"
                 need(key, get(key) in PRECISIONS, f"must be one of {list(PRECISIONS)}")
+    if get("train.distributed") == "fsdp":
+        # The EMA pairs each teacher part with its student part: both sharded, or both not.
+        for part in ("backbone", "dino_head", "ibot_head"):
+            student, teacher = (
+                get(f"compute_precision.{w}.{part}.sharding_strategy") for w in ("student", "teacher")
+            )
+            need(f"compute_precision.teacher.{part}.sharding_strategy",
+                 (student == "NO_SHARD") == (teacher == "NO_SHARD"),
+                 f"must be NO_SHARD exactly when compute_precision.student.{part}.sharding_strategy is "
+                 f"(it is {student!r}): the teacher's EMA pairs its tensors with the student's")  # fmt: skip
 
     # Integers with lower bounds.
     for dotted, low in {

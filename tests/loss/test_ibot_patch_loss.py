@@ -106,3 +106,16 @@ def test_bad_shapes_raise():
         loss.forward_masked(s[masks], t[masks][:2], masks)
     with pytest.raises(ValueError, match=r"\[n, P, K\]"):
         loss.update_center(torch.zeros(3, 4))
+
+
+def test_sinkhorn_with_the_count_as_a_tensor_never_reads_it_on_the_host(monkeypatch):
+    # The collate function's n_masked_patches tensor stays on the device: no .item() / .tolist().
+    scores = torch.randn(7, 5, generator=torch.Generator().manual_seed(5))
+    loss = iBOTPatchLoss(patch_out_dim=5)
+    expected = loss.sinkhorn_knopp_teacher(scores, 0.1, 7)
+    for name in ("item", "tolist", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, lambda *a, _n=name: pytest.fail(f"Tensor.{_n} called"))
+    got = loss.sinkhorn_knopp_teacher(scores, 0.1, torch.tensor([7]))
+    monkeypatch.undo()
+    assert torch.equal(got, expected)
+    torch.testing.assert_close(got.sum(dim=1), torch.ones(7))  # every patch's target is a distribution

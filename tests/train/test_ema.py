@@ -30,19 +30,23 @@ def test_every_parameter_equals_formula(m):
 
 def test_uses_one_foreach_call_for_all_parameters(monkeypatch):
     calls = []
-    real_mul, real_add = torch._foreach_mul_, torch._foreach_add_
+    real_lerp = torch._foreach_lerp_
     monkeypatch.setattr(
-        torch, "_foreach_mul_", lambda ts, m: (calls.append(("mul", len(ts))), real_mul(ts, m))
-    )
-    monkeypatch.setattr(
-        torch,
-        "_foreach_add_",
-        lambda ts, ss, alpha: (calls.append(("add", len(ts))), real_add(ts, ss, alpha=alpha)),
+        torch, "_foreach_lerp_", lambda ts, ss, w: (calls.append(("lerp", len(ts), w)), real_lerp(ts, ss, w))
     )
     teacher, student = _pair()
     update_ema(*paired_parameters(teacher, student), momentum=0.9)
     n = len(list(student.parameters()))
-    assert calls == [("mul", n), ("add", n)]
+    assert calls == [("lerp", n, pytest.approx(0.1))]
+
+
+def test_momentum_one_keeps_the_teacher_and_zero_copies_the_student_exactly():
+    teacher, student = _pair()
+    before = [p.detach().clone() for p in teacher.parameters()]
+    update_ema(*paired_parameters(teacher, student), momentum=1.0)
+    assert all(torch.equal(t, b) for t, b in zip(teacher.parameters(), before))
+    update_ema(*paired_parameters(teacher, student), momentum=0.0)
+    assert all(torch.equal(t, s) for t, s in zip(teacher.parameters(), student.parameters()))
 
 
 def test_teacher_without_grad_is_not_tracked_by_autograd():

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from dinov2.data.collate import collate_data_and_cast
 from dinov2.data.masking import MaskingGenerator
 from dinov2.models.vision_transformer import DinoVisionTransformer
+from dinov2.train.distributed_wrap import GradientSync
 from dinov2.train.ssl_meta_arch import SSLMetaArch
 
 DEFAULT_CFG = Path(__file__).resolve().parents[2] / "dinov2" / "configs" / "ssl_default_config.yaml"
@@ -327,11 +328,14 @@ def _dist_worker(rank: int, world: int, tmp: str) -> None:
     try:
         arch = _arch(centering="sinkhorn_knopp", **{"dino": {"koleo_loss_weight": 0.0}})
         batch = _rank_batch(_batch(3, b=4), rank, world, b=4)
+        # The training loop's ddp gradient sync, with small buckets so that several all_reduces
+        # start from hooks while backward runs.
+        sync = GradientSync(arch.student.parameters(), bucket_mb=0.01)
         losses = arch.forward_backward(batch, teacher_temp=0.05)
+        started_during_backward = sum(b.handle is not None for b in sync.buckets)
+        sync.finish()
+        assert len(sync.buckets) > 3 and started_during_backward == len(sync.buckets)
         grads = [p.grad.clone() for p in arch.student.parameters()]
-        for g in grads:  # what the training loop's gradient averaging does
-            dist.all_reduce(g)
-            g /= world
         values = torch.stack([losses[k] for k in sorted(losses)])
         dist.all_reduce(values)
         if rank == 0:
@@ -341,7 +345,7 @@ def _dist_worker(rank: int, world: int, tmp: str) -> None:
 
 
 @pytest.mark.slow
-def test_two_processes_with_averaged_gradients_equal_one_process_on_the_full_batch(tmp_path):
+def test_two_processes_with_overlapped_gradient_sync_equal_one_process_on_the_full_batch(tmp_path):
     import torch.multiprocessing as mp
 
     # 4 images split 2 + 2. KoLeo is left out: it compares neighbours within each process's batch.
@@ -354,3 +358,34 @@ def test_two_processes_with_averaged_gradients_equal_one_process_on_the_full_bat
     for (name, p), g in zip(arch.student.named_parameters(), out["grads"]):
         scale = p.grad.abs().max().item()
         assert (p.grad - g).abs().max().item() <= 1e-5 * scale + 1e-9, name
+
+
+@pytest.mark.parametrize("head_dtype, expected", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_heads_compute_in_their_configured_dtype_under_a_bf16_backbone(head_dtype, expected):
+    heads = {
+        who: {part: {"mixed_precision": {"param_dtype": head_dtype}} for part in ("dino_head", "ibot_head")}
+        for who in ("student", "teacher")
+    }
+    arch = _arch(separate_head=True, compute_precision=heads)
+    assert arch.autocast_dtype == torch.bfloat16  # the default backbone precision
+    arch.autocast_devices = ("cuda", "cpu")  # run the GPU's autocast path on the CPU (bf16 works there)
+    seen = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            seen.setdefault(name, set()).add(output.dtype)
+
+        return hook
+
+    for who in ("student", "teacher"):
+        for part in ("dino_head", "ibot_head"):
+            getattr(arch, who)[part].mlp[0].register_forward_hook(record(f"{who}.{part}"))
+        getattr(arch, who)["backbone"].blocks[0].mlp.fc1.register_forward_hook(record(f"{who}.backbone"))
+    losses = arch.forward_backward(_batch(1), teacher_temp=0.05)
+    assert seen.pop("student.backbone") == {torch.bfloat16} and seen.pop("teacher.backbone") == {
+        torch.bfloat16
+    }
+    assert seen == {
+        f"{w}.{p}": {expected} for w in ("student", "teacher") for p in ("dino_head", "ibot_head")
+    }
+    assert all(torch.isfinite(v) for v in losses.values())

@@ -53,7 +53,7 @@ FAST = [
 LOGGED_KEYS = (
     "total_loss", "dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss", "lr",
     "wd", "momentum", "teacher_temp", "iter_time", "data_time", "images_per_second", "peak_memory_mb",
-    "eta_seconds",
+    "eta_seconds", "forward_backward_time", "grad_sync_time", "optimizer_time",
 )  # fmt: skip
 
 
@@ -92,6 +92,9 @@ def test_outputs_logs_checkpoints_and_teacher_export(cells, tmp_path):
         for key in LOGGED_KEYS:
             assert key in r, key
         assert r["peak_memory_mb"] > 0 and r["images_per_second"] > 0
+        # The step's phases, timed with the device synchronised, fit in the (whole) iteration time.
+        phases = r["forward_backward_time"] + r["grad_sync_time"] + r["optimizer_time"]
+        assert 0 < phases <= r["iter_time"] and r["forward_backward_time"] > r["optimizer_time"] > 0
     # lr: linear warm-up over the first epoch (3 iterations) from 0 to the peak, then a cosine to min_lr.
     peak = saved.optim.lr
     assert [records[i]["lr"] for i in range(3)] == pytest.approx([0.0, peak / 2, peak])

@@ -306,3 +306,18 @@ def test_fail_fast_keys_defaults_and_validation(dirs):
     assert "expected an integer" in _error(
         None, [f"train.dataset_path={data}", "train.collapse_stop_after_warnings=2.5"], out
     )
+
+
+def test_fsdp_rejects_a_teacher_part_sharded_differently_from_its_student_part(dirs):
+    data, out = dirs
+    base = [f"train.dataset_path={data}", "train.distributed=fsdp"]
+    no_shard = "compute_precision.student.dino_head.sharding_strategy=NO_SHARD"
+    msg = _error(None, [*base, no_shard], out)
+    key = "compute_precision.teacher.dino_head.sharding_strategy"
+    assert any(
+        ln.strip().startswith(key + ":") and "NO_SHARD exactly when" in ln for ln in msg.splitlines()
+    ), msg
+    # Both unsharded is accepted (their gradients then go through the ddp gradient sync).
+    build_config(None, [*base, no_shard, key + "=NO_SHARD"], out)
+    # In ddp mode the sharding keys play no part.
+    build_config(None, [f"train.dataset_path={data}", no_shard], out)
