@@ -100,6 +100,17 @@ def score_row(run_dir: Path, data: str, max_per_class: int | None, folds: int, s
             "linear": scores["linear_balanced_accuracy"]}  # fmt: skip
 
 
+def teacher_entropy_trace(run_dir: Path, every: int = 100) -> list[float]:
+    """The teacher's output entropy as a fraction of log K every `every` iterations: flat (near 1) is
+    the failure the recipe's diagnosis found, a fall is the teacher sharpening on the data."""
+    trace = {}
+    for line in (run_dir / "training_metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "teacher_entropy_frac" in r and r["iteration"] % every == 0:
+            trace[r["iteration"]] = r["teacher_entropy_frac"]  # a resumed run rewrites the same iteration
+    return [trace[i] for i in sorted(trace)]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, default=REPO / "configs" / "pbc_cpu_recipe.yaml")
@@ -150,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
             "change": what,
             "overrides": overrides,
             "train_minutes": seconds / 60,
+            "teacher_entropy_frac": teacher_entropy_trace(run_dir),
             **scores,
         }
         with open(results_path, "a") as f:
@@ -167,13 +179,15 @@ def main(argv: list[str] | None = None) -> None:
         w.writeheader()
         for r in rows:
             w.writerow({k: r[k] for k in w.fieldnames})
-    lines = ["| row | change | 20-NN | linear | train min |", "|---|---|---|---|---|"]
+    header = "| row | change | 20-NN | linear | teacher entropy / log K | train min |"
+    lines = [header, "|---|---|---|---|---|---|"]
     for r in rows:
         delta = ""
         if base is not None and r is not base:
             delta = f" ({r['knn20'] - base['knn20']:+.1f} / {r['linear'] - base['linear']:+.1f})"
+        entropy = " -> ".join(f"{e:.2f}" for e in r.get("teacher_entropy_frac", []))
         lines.append(f"| {r['row']} | {r['change']}{delta} | {r['knn20']:.1f} | {r['linear']:.1f} | "
-                     f"{r['train_minutes']:.1f} |")  # fmt: skip
+                     f"{entropy} | {r['train_minutes']:.1f} |")  # fmt: skip
     (out / "ablation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
