@@ -13,15 +13,14 @@ Example::
     write_report(result, "out/cv", paths=fs.paths)
 """
 
-from importlib import import_module
-from typing import Any
+from dinov2.utils.lazy import lazy_attributes
 
 _LAZY = {
     "FeatureSet": "dinov2.eval.features",
     "Preprocessing": "dinov2.eval.features",
     "extract_features": "dinov2.eval.features",
-    "load_eval_backbone": "dinov2.eval.features",
-    "pool_tokens": "dinov2.eval.features",
+    "load_eval_backbone": "dinov2.eval.backbones",
+    "pool_tokens": "dinov2.eval.backbones",
     "knn_predict": "dinov2.eval.knn",
     "topk_neighbours": "dinov2.eval.knn",
     "LogisticRegressionConfig": "dinov2.eval.linear",
@@ -56,13 +55,4 @@ _LAZY = {
 }
 
 __all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'dinov2.eval' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)

@@ -169,7 +169,8 @@ def save_attention_grids(
         The PNG paths, in input order.
     """
     from dinov2.data.image_io import load_rgb
-    from dinov2.eval.features import Preprocessing, load_eval_backbone
+    from dinov2.eval.backbones import load_eval_backbone
+    from dinov2.eval.features import Preprocessing
 
     if not image_paths:
         raise ValueError("no images given for attention maps")

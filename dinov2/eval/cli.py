@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from dinov2.eval.features import POOLINGS
+from dinov2.eval.backbones import POOLINGS
 
 PROG = "dinov2-eval"
 

@@ -38,14 +38,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dinov2.data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from dinov2.eval.baselines import is_baseline_spec, make_baseline
+from dinov2.eval.backbones import POOLINGS, backbone_signature, load_eval_backbone, pool_tokens
+from dinov2.eval.baselines import is_baseline_spec
 from dinov2.utils.device import resolve_device
 from dinov2.utils.files import atomic_path
 from dinov2.utils.signals import ignore_stop_signals
 
 logger = logging.getLogger("dinov2")
 
-POOLINGS = ("cls", "avgpool", "cls+avgpool")
 #: Bump when the stored layout or the extraction semantics change (invalidates old caches).
 CACHE_VERSION = 1
 _INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
@@ -206,97 +206,6 @@ class Preprocessing:
 def image_to_uint8_hwc(image) -> torch.Tensor:
     """PIL RGB image -> uint8 tensor [H, W, 3] (no float work per image)."""
     return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))
-
-
-# --------------------------------------------------------------------------------------------
-# Backbones
-# --------------------------------------------------------------------------------------------
-
-
-def _file_signature(path: str | os.PathLike) -> dict[str, Any]:
-    p = Path(path).resolve()
-    st = p.stat()
-    return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def _weights_hash(model: nn.Module) -> str:
-    h = hashlib.sha256(type(model).__name__.encode())
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def backbone_signature(backbone: str | os.PathLike | nn.Module, seed: int = 0) -> dict[str, Any]:
-    """What identifies a backbone's weights, for the cache key (no model is built for strings)."""
-    if isinstance(backbone, nn.Module):
-        return {"module": type(backbone).__name__, "weights_sha256": _weights_hash(backbone)}
-    spec = os.fspath(backbone)
-    if is_baseline_spec(spec):
-        return {"baseline": spec}
-    from dinov2.models.vision_transformer import RELEASED_BACKBONES
-
-    name, sep, rest = spec.partition(":")
-    if sep and name in RELEASED_BACKBONES:
-        if not Path(rest).is_file():
-            raise FileNotFoundError(f"pretrained weights for {name} not found: {rest}")
-        return {"name": name, "weights": _file_signature(rest)}
-    if spec in RELEASED_BACKBONES:
-        return {"name": spec, "random_init_seed": seed}
-    if not Path(spec).is_file():
-        raise FileNotFoundError(
-            f"backbone checkpoint not found: {spec} (expected a checkpoint file, a hub name such as "
-            f"'dinov2_vits14_reg' or 'dinov2_vits14_reg:WEIGHTS.pth', 'pixels:S' or 'colorstats')"
-        )
-    return {"checkpoint": _file_signature(spec)}
-
-
-def load_eval_backbone(
-    backbone: str | os.PathLike | nn.Module,
-    device: str | torch.device = "cpu",
-    seed: int = 0,
-    **overrides: Any,
-) -> nn.Module:
-    """An eval-mode model on ``device`` from a spec (see :func:`extract_features`) or a module.
-
-    A hub name without weights is randomly initialised under ``torch.manual_seed(seed)`` (without
-    touching the global RNG state), so a "random ViT" baseline is reproducible. ``overrides`` go
-    to :func:`dinov2.models.weights.load_backbone` (constructor arguments such as ``depth``).
-    """
-    if isinstance(backbone, nn.Module):
-        return backbone.to(device).eval()
-    spec = os.fspath(backbone)
-    if is_baseline_spec(spec):
-        return make_baseline(spec).to(device).eval()
-    backbone_signature(spec, seed)  # clear FileNotFoundError before any loading
-    from dinov2.models.weights import load_backbone
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return load_backbone(spec, device=device, **overrides).eval()
-
-
-def pool_tokens(
-    model: nn.Module, images: torch.Tensor, pooling: str = "cls", n_last_blocks: int = 1
-) -> torch.Tensor:
-    """Features ``[B, D']`` of a batch (see module doc for the poolings)."""
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-    if not hasattr(model, "get_intermediate_layers"):
-        out = model(images)
-        if out.ndim != 2:
-            raise ValueError(
-                f"a model without get_intermediate_layers must return [B, D], got {tuple(out.shape)}"
-            )
-        return out
-    layers = model.get_intermediate_layers(images, n_last_blocks, return_class_token=True, norm=True)
-    parts = []
-    if pooling in ("cls", "cls+avgpool"):
-        parts += [cls for _, cls in layers]
-    if pooling in ("avgpool", "cls+avgpool"):
-        parts += [patches.mean(dim=1) for patches, _ in layers]
-    return torch.cat(parts, dim=-1)
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,8 +14,7 @@ Example:
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dinov2.layers import MemEffAttention, Mlp, NestedTensorBlock, PatchEmbed, SwiGLUFFNFused
+from dinov2.models.block_layout import block_chunk_size, convert_block_layout
 
 FFN_LAYERS = ("mlp", "swiglufused", "swiglu", "identity")
 # DINOv2's vit_* constructors use this block: list-capable, xformers kernel when available.
@@ -67,44 +67,6 @@ class BlockChunk(nn.ModuleList):
         for block in self:
             x = _apply_block(block, x)
         return x
-
-
-def block_chunk_size(depth: int, block_chunks: int) -> int:
-    """Blocks per chunk, DINOv2's rule depth // block_chunks (0 chunks means no chunking)."""
-    if block_chunks <= 0:
-        return 0
-    if block_chunks > depth:
-        raise ValueError(f"block_chunks ({block_chunks}) cannot exceed depth ({depth})")
-    return depth // block_chunks
-
-
-_CHUNKED_KEY = re.compile(r"^(?P<pre>(?:.*\.)?blocks)\.(?P<chunk>\d+)\.(?P<idx>\d+)\.(?P<rest>.+)$")
-_FLAT_KEY = re.compile(r"^(?P<pre>(?:.*\.)?blocks)\.(?P<idx>\d+)\.(?P<rest>.+)$")
-
-
-def convert_block_layout(state_dict: Mapping[str, torch.Tensor], chunk_size: int) -> dict[str, torch.Tensor]:
-    """Rewrite block keys to the chunked layout `blocks.{i // chunk_size}.{i}.` (chunk_size > 0) or
-    the flat layout `blocks.{i}.` (chunk_size == 0), whichever layout the keys are in now.
-
-    Keys without a block index are kept as they are. Works under any prefix (`backbone.blocks...`).
-    """
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        m = _CHUNKED_KEY.match(key)
-        if m is not None:
-            idx = int(m["idx"])
-        else:
-            m = _FLAT_KEY.match(key)
-            if m is None:
-                out[key] = value
-                continue
-            idx = int(m["idx"])
-        if chunk_size > 0:
-            key = f"{m['pre']}.{idx // chunk_size}.{idx}.{m['rest']}"
-        else:
-            key = f"{m['pre']}.{idx}.{m['rest']}"
-        out[key] = value
-    return out
 
 
 class DinoVisionTransformer(nn.Module):

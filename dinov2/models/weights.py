@@ -29,12 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dinov2.layers import Mlp, SwiGLUFFN, swiglu_hidden_features
-from dinov2.models.vision_transformer import (
-    RELEASED_BACKBONES,
-    DinoVisionTransformer,
-    convert_block_layout,
-    make_released_backbone,
-)
+from dinov2.models.block_layout import convert_block_layout
+from dinov2.models.vision_transformer import RELEASED_BACKBONES, DinoVisionTransformer, make_released_backbone
 from dinov2.utils.files import atomic_path
 
 logger = logging.getLogger("dinov2")

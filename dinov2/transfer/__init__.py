@@ -16,8 +16,7 @@ Example::
     predictions = predict(result.best_checkpoint, "new_cells/")
 """
 
-from importlib import import_module
-from typing import Any
+from dinov2.utils.lazy import lazy_attributes
 
 _LAZY = {
     "BackboneClassifier": "dinov2.transfer.classifier",
@@ -31,13 +30,4 @@ _LAZY = {
 }
 
 __all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'dinov2.transfer' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)

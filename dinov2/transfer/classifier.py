@@ -28,8 +28,10 @@ from torch import nn
 from torchvision import transforms
 
 from dinov2.data.transforms import MaybeToTensor, make_normalize_transform
-from dinov2.eval.features import Preprocessing, pool_tokens
-from dinov2.models.vision_transformer import DinoVisionTransformer, convert_block_layout
+from dinov2.eval.backbones import pool_tokens
+from dinov2.eval.features import Preprocessing
+from dinov2.models.block_layout import convert_block_layout
+from dinov2.models.vision_transformer import DinoVisionTransformer
 from dinov2.models.weights import backbone_config
 
 POOLINGS = ("cls", "cls+avgpool")
@@ -108,7 +110,7 @@ def head_input_dim(embed_dim: int, pooling: str) -> int:
 
     ``"cls"``: the normalised class token [B, D]; ``"cls+avgpool"``: class token concatenated with
     the mean normalised patch token [B, 2D] (DINOv2's linear-evaluation features), computed by
-    `dinov2.eval.features.pool_tokens` so the fine-tune and embedding-evaluation tools agree.
+    `dinov2.eval.backbones.pool_tokens` so the fine-tune and embedding-evaluation tools agree.
     """
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")

@@ -8,7 +8,8 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
-from dinov2.run.submit import SubmissionError, Task, get_args_parser, launch, master_port, submit_jobs
+from dinov2.run.job_env import master_port
+from dinov2.run.submit import SubmissionError, Task, get_args_parser, launch, submit_jobs
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_SCRIPT = REPO_ROOT / "scripts" / "slurm_local_cluster.sh"

@@ -10,18 +10,15 @@ from types import SimpleNamespace
 
 import pytest
 
+from dinov2.run.job_env import PORT_BASE, PORT_SPAN, distributed_environment, master_port
 from dinov2.run.submit import (
     DEFAULT_TIMEOUT_MIN,
-    PORT_BASE,
-    PORT_SPAN,
     SubmissionError,
     Task,
     check_output_dir,
     check_slurm_available,
-    distributed_environment,
     get_args_parser,
     launch,
-    master_port,
     render_sbatch_script,
     sbatch_parameters,
     submit_jobs,
