@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dinov2.eval.metrics import classification_metrics, per_class_report
+from dinov2.eval.metrics import per_class_report
 from dinov2.eval.protocols.bootstrap import add_bootstrap
 from dinov2.eval.protocols.classifiers import ClassifierConfig, fit_predict, labeled_arrays
 from dinov2.eval.protocols.result import EvalResult
@@ -142,15 +142,14 @@ def cross_dataset_eval(
     test_x, test_y = xt[test_idx], yt2[test_idx]
     preds, params = fit_predict(train_x, train_y, test_x, cfg, num_classes=len(label_space))
     rows = cfg.names()
-    result = EvalResult(
-        protocol="cross_dataset",
-        class_names=label_space,
-        classifiers=rows,
-        per_split={r: [classification_metrics(test_y, preds[r], num_classes=len(label_space))] for r in rows},
-        y_true=test_y,
-        predictions=preds,
-        sample_index=test_idx,
-        params={r: [params[r]] for r in rows},
+    result = EvalResult.single_split(
+        "cross_dataset",
+        label_space,
+        rows,
+        test_y,
+        preds,
+        test_idx,
+        params,
         info={
             "mapping": mapping,
             "source_classes_dropped": [n for n in src_names if n not in mapping],

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 
 from dinov2.eval.folds import stratified_split
-from dinov2.eval.metrics import classification_metrics
 from dinov2.eval.protocols.bootstrap import add_bootstrap
 from dinov2.eval.protocols.classifiers import ClassifierConfig, fit_predict, labeled_arrays
 from dinov2.eval.protocols.cross_dataset import relabel
@@ -80,15 +79,14 @@ def train_val_test(
     x_te = x_te_all[test_idx]
     preds, params = fit_predict(x_tr, y_tr, x_te, cfg, num_classes=len(names), x_val=x_va, y_val=y_va)
     rows = cfg.names()
-    result = EvalResult(
-        protocol="train_val_test",
-        class_names=names,
-        classifiers=rows,
-        per_split={r: [classification_metrics(y_te, preds[r], num_classes=len(names))] for r in rows},
-        y_true=y_te,
-        predictions=preds,
-        sample_index=test_idx,
-        params={r: [params[r]] for r in rows},
+    result = EvalResult.single_split(
+        "train_val_test",
+        names,
+        rows,
+        y_te,
+        preds,
+        test_idx,
+        params,
         info={
             "n_train": int(len(y_tr)),
             "n_val": int(len(y_va)),

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from dinov2.eval.metrics import METRIC_NAMES
+from dinov2.eval.metrics import METRIC_NAMES, classification_metrics
 
 #: Standard deviations over folds use numpy's default ``ddof=0`` (population std), the value
 #: ``np.std(cross_val_scores)`` gives; metrics.json records it.
@@ -41,6 +41,34 @@ class EvalResult:
     params: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     confidence_intervals: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def single_split(
+        cls,
+        protocol: str,
+        class_names: list[str],
+        classifiers: list[str],
+        y_true: np.ndarray,
+        predictions: dict[str, np.ndarray],
+        sample_index: np.ndarray,
+        params: dict[str, dict[str, Any]],
+        info: dict[str, Any],
+    ) -> EvalResult:
+        """The result of one (train, test) split: each of ``classifiers`` (row names, report order)
+        scored once by its ``predictions`` against ``y_true`` over ``len(class_names)`` classes."""
+        rows = list(classifiers)
+        k = len(class_names)
+        return cls(
+            protocol=protocol,
+            class_names=class_names,
+            classifiers=rows,
+            per_split={r: [classification_metrics(y_true, predictions[r], num_classes=k)] for r in rows},
+            y_true=y_true,
+            predictions=predictions,
+            sample_index=sample_index,
+            params={r: [params[r]] for r in rows},
+            info=info,
+        )
 
     def summary(self) -> dict[str, dict[str, dict[str, float | None]]]:
         """classifier -> metric -> ``{"mean", "std"}`` over splits (std None for a single split),
