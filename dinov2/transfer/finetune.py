@@ -42,14 +42,14 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from dinov2.eval.features import Preprocessing, extract_features
 from dinov2.eval.metrics import classification_metrics
@@ -64,6 +64,7 @@ from dinov2.transfer.classifier import (
 )
 from dinov2.transfer.config import RESUME_FREE_FIELDS, FinetuneConfig, FinetuneResult
 from dinov2.transfer.loop import (
+    EpochOutput,
     epoch_seed,
     load_split,
     make_criterion,
@@ -148,38 +149,35 @@ def _cached_features(
     return TensorDataset(torch.from_numpy(fs.features), torch.from_numpy(to_trn[fs.labels]))
 
 
-def train_classifier(config: FinetuneConfig) -> FinetuneResult:
-    """Train (or resume training) a classifier as described by ``config``; see the module docstring.
+@dataclass
+class _Training:
+    """What the epochs of a run work with."""
 
-    Raises:
-        ValueError / FileNotFoundError for invalid settings, missing split folders or backbone, or
-        an output folder holding a run with other settings.
-    """
-    from dinov2.models.weights import load_backbone
+    step_model: nn.Module
+    """The module each step runs: the whole classifier, or only its head on cached features."""
+    train_loader: DataLoader
+    val_loader: DataLoader
+    generator: torch.Generator
+    """The training loader's generator, re-seeded every epoch."""
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    criterion: nn.Module
 
+
+def _check_data(config: FinetuneConfig) -> Path:
     config.validate()
-    device = resolve_device(config.device)
-    data, out_dir = Path(config.data), Path(config.output_dir)
+    data = Path(config.data)
     for name in ("TRN", "VAL"):
         if not (data / name).is_dir():
             raise FileNotFoundError(
                 f"{data / name} not found: --data must hold TRN/ and VAL/ (see dinov2-split)"
             )
+    return data
 
-    # Data and settings first: a bad folder or a clashing earlier run fails before any heavy work.
-    prep = preprocessing_for(config.image_size, config.crop_pct)
-    eval_tf = make_eval_transform(prep)
-    train_tf = make_train_transform(prep, (config.crop_scale_min, 1.0), config.color_jitter)
-    trn = load_split(data / "TRN", None, train_tf)
-    classes = list(trn.dataset.classes)
-    val = load_split(data / "VAL", classes, eval_tf)
-    num_classes = len(classes)
-    if num_classes < 2:
-        raise ValueError(f"{data / 'TRN'} has {num_classes} class folder(s); a classifier needs at least 2")
-    last_path, best_path = out_dir / "last.pth", out_dir / "best.pth"
-    state = _resume_state(last_path, config, classes)
 
-    fix_random_seeds(config.seed)
+def _build_model(config: FinetuneConfig, num_classes: int, device: torch.device) -> BackboneClassifier:
+    from dinov2.models.weights import load_backbone
+
     backbone = load_backbone(config.backbone, device="cpu")
     if config.image_size % backbone.patch_size:
         raise ValueError(
@@ -187,10 +185,16 @@ def train_classifier(config: FinetuneConfig) -> FinetuneResult:
             f"{backbone.patch_size}"
         )
     model = BackboneClassifier(backbone, num_classes, config.head, freeze_backbone=config.mode == "linear")
-    model.to(device)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(asdict(config), out_dir / "config.json")
+    return model.to(device)
 
+
+def _build_training(
+    config: FinetuneConfig, model: BackboneClassifier, trn, val, prep: Preprocessing, device: torch.device
+) -> _Training:
+    """Loaders, optimiser, schedule and loss for ``model`` on the TRN / VAL splits."""
+    classes = list(trn.dataset.classes)
+    num_classes = len(classes)
+    data = Path(config.data)
     if config.cache_features:
         # The frozen backbone's features never change, so it runs once per image instead of per epoch
         # and the epochs only train the head.
@@ -204,7 +208,6 @@ def train_classifier(config: FinetuneConfig) -> FinetuneResult:
     train_loader = make_train_loader(
         trn_set, trn.targets, num_classes, config.batch_size, config.balance, workers, generator, device
     )
-    val_loader = make_eval_loader(val_set, config.batch_size, workers, device)
     steps_per_epoch = len(train_loader)
     params = classifier_param_groups(
         model,
@@ -216,71 +219,134 @@ def train_classifier(config: FinetuneConfig) -> FinetuneResult:
     optimizer, scheduler = make_optimizer(
         params, config.epochs * steps_per_epoch, round(config.warmup_epochs * steps_per_epoch)
     )
-    criterion = make_criterion(config.balance, trn.targets, num_classes, device)
-    val_criterion = nn.CrossEntropyLoss()
+    return _Training(
+        step_model=step_model,
+        train_loader=train_loader,
+        val_loader=make_eval_loader(val_set, config.batch_size, workers, device),
+        generator=generator,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        criterion=make_criterion(config.balance, trn.targets, num_classes, device),
+    )
 
+
+def _run_one_epoch(
+    run: _Training, config: FinetuneConfig, epoch: int, num_classes: int, device: torch.device
+) -> tuple[dict[str, float], EpochOutput]:
+    """Train one epoch and evaluate on VAL; returns the epoch's log record and the VAL outputs."""
+    t0 = time.perf_counter()
+    # Re-seeding per epoch makes data order and augmentations independent of where a run resumed.
+    fix_random_seeds(epoch_seed(config.seed, epoch))
+    run.generator.manual_seed(epoch_seed(config.seed, epoch))
+    tag = f"epoch {epoch + 1}/{config.epochs}"
+    train_out = run_epoch(
+        run.step_model,
+        run.train_loader,
+        run.criterion,
+        device,
+        run.optimizer,
+        run.scheduler,
+        f"{tag} train",
+        config.progress,
+    )
+    val_out = run_epoch(
+        run.step_model,
+        run.val_loader,
+        nn.CrossEntropyLoss(),
+        device,
+        desc=f"{tag} val",
+        progress=config.progress,
+    )
+    train_scores = classification_metrics(train_out.targets, train_out.preds, num_classes)
+    val_scores = classification_metrics(val_out.targets, val_out.preds, num_classes)
+    record = {
+        "epoch": epoch + 1,
+        "train_loss": train_out.loss,
+        "train_accuracy": train_scores["accuracy"],
+        "train_balanced_accuracy": train_scores["balanced_accuracy"],
+        "val_loss": val_out.loss,
+        "val_accuracy": val_scores["accuracy"],
+        "val_balanced_accuracy": val_scores["balanced_accuracy"],
+        "lr": run.optimizer.param_groups[-1]["lr"],
+        "epoch_time_s": time.perf_counter() - t0,
+    }
+    return record, val_out
+
+
+def _epoch_line(record: dict[str, float], epochs: int, is_best: bool, eta: float) -> str:
+    return (
+        f"epoch {record['epoch']}/{epochs}: train loss {record['train_loss']:.4f} "
+        f"acc {record['train_accuracy']:.4f} | val loss {record['val_loss']:.4f} "
+        f"acc {record['val_accuracy']:.4f} bal-acc {record['val_balanced_accuracy']:.4f}"
+        f"{' (best)' if is_best else ''} | {record['epoch_time_s']:.1f}s, ETA {eta:.0f}s"
+    )
+
+
+def train_classifier(config: FinetuneConfig) -> FinetuneResult:
+    """Train (or resume training) a classifier as described by ``config``; see the module docstring.
+
+    Raises:
+        ValueError / FileNotFoundError for invalid settings, missing split folders or backbone, or
+        an output folder holding a run with other settings.
+    """
+    data = _check_data(config)
+    device, out_dir = resolve_device(config.device), Path(config.output_dir)
+    # Data and settings first: a bad folder or a clashing earlier run fails before any heavy work.
+    prep = preprocessing_for(config.image_size, config.crop_pct)
+    eval_tf = make_eval_transform(prep)
+    trn = load_split(
+        data / "TRN", None, make_train_transform(prep, (config.crop_scale_min, 1.0), config.color_jitter)
+    )
+    classes = list(trn.dataset.classes)
+    val = load_split(data / "VAL", classes, eval_tf)
+    if len(classes) < 2:
+        raise ValueError(f"{data / 'TRN'} has {len(classes)} class folder(s); a classifier needs at least 2")
+    last_path, best_path = out_dir / "last.pth", out_dir / "best.pth"
+    state = _resume_state(last_path, config, classes)
+
+    fix_random_seeds(config.seed)
+    model = _build_model(config, len(classes), device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(asdict(config), out_dir / "config.json")
+    run = _build_training(config, model, trn, val, prep, device)
     history: list[dict[str, float]] = []
     best = {"epoch": 0, "val_balanced_accuracy": -1.0}
     start_epoch = 0
     if state is not None:
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
         start_epoch, history, best = int(state["epoch"]), list(state["history"]), dict(state["best"])
         print(f"resuming {out_dir} after epoch {start_epoch}/{config.epochs}", file=sys.stderr)
     print(
-        f"{config.mode}: {len(trn.targets)} TRN / {len(val.targets)} VAL images, {num_classes} classes, "
-        f"{steps_per_epoch} steps per epoch on {device}",
+        f"{config.mode}: {len(trn.targets)} TRN / {len(val.targets)} VAL images, {len(classes)} classes, "
+        f"{len(run.train_loader)} steps per epoch on {device}",
         file=sys.stderr,
     )
 
     times: list[float] = []
     for epoch in range(start_epoch, config.epochs):
-        t0 = time.perf_counter()
-        # Re-seeding per epoch makes data order and augmentations independent of where a run resumed.
-        fix_random_seeds(epoch_seed(config.seed, epoch))
-        generator.manual_seed(epoch_seed(config.seed, epoch))
-        tag = f"epoch {epoch + 1}/{config.epochs}"
-        train_out = run_epoch(
-            step_model, train_loader, criterion, device, optimizer, scheduler, f"{tag} train", config.progress
-        )
-        val_out = run_epoch(
-            step_model, val_loader, val_criterion, device, desc=f"{tag} val", progress=config.progress
-        )
-        train_scores = classification_metrics(train_out.targets, train_out.preds, num_classes)
-        val_scores = classification_metrics(val_out.targets, val_out.preds, num_classes)
-        times.append(time.perf_counter() - t0)
-        history.append(
-            {
-                "epoch": epoch + 1,
-                "train_loss": train_out.loss,
-                "train_accuracy": train_scores["accuracy"],
-                "train_balanced_accuracy": train_scores["balanced_accuracy"],
-                "val_loss": val_out.loss,
-                "val_accuracy": val_scores["accuracy"],
-                "val_balanced_accuracy": val_scores["balanced_accuracy"],
-                "lr": optimizer.param_groups[-1]["lr"],
-                "epoch_time_s": times[-1],
-            }
-        )
-        is_best = val_scores["balanced_accuracy"] > best["val_balanced_accuracy"]
+        record, val_out = _run_one_epoch(run, config, epoch, len(classes), device)
+        history.append(record)
+        times.append(record["epoch_time_s"])
+        is_best = record["val_balanced_accuracy"] > best["val_balanced_accuracy"]
         if is_best:
-            best = {"epoch": epoch + 1, "val_balanced_accuracy": val_scores["balanced_accuracy"]}
+            best = {"epoch": epoch + 1, "val_balanced_accuracy": record["val_balanced_accuracy"]}
             checkpoint = classifier_checkpoint(
                 model,
                 classes,
                 prep,
                 epoch=epoch + 1,
-                val_accuracy=val_scores["accuracy"],
-                val_balanced_accuracy=val_scores["balanced_accuracy"],
+                val_accuracy=record["val_accuracy"],
+                val_balanced_accuracy=record["val_balanced_accuracy"],
                 config=asdict(config),
             )
             atomic_torch_save(checkpoint, best_path)
             write_predictions(out_dir / "val_predictions.csv", val.paths, val_out, classes)
         last = {
             "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
             "epoch": epoch + 1,
             "history": history,
             "best": best,
@@ -291,13 +357,7 @@ def train_classifier(config: FinetuneConfig) -> FinetuneResult:
         write_json_lines(history, out_dir / "log.jsonl")
         plot_learning_curves(history, out_dir / "learning_curves.png")
         eta = (config.epochs - epoch - 1) * sum(times) / len(times)
-        print(
-            f"{tag}: train loss {train_out.loss:.4f} acc {train_scores['accuracy']:.4f} | "
-            f"val loss {val_out.loss:.4f} acc {val_scores['accuracy']:.4f} "
-            f"bal-acc {val_scores['balanced_accuracy']:.4f}{' (best)' if is_best else ''} | "
-            f"{times[-1]:.1f}s, ETA {eta:.0f}s",
-            file=sys.stderr,
-        )
+        print(_epoch_line(record, config.epochs, is_best, eta), file=sys.stderr)
 
     test_metrics = None
     if _holds_files(data / "TST"):
