@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dinov2.eval.features import FeatureSet, Preprocessing, extract_features
+from dinov2.eval.features import FeatureSet, Preprocessing
+from dinov2.transfer.classifier import classifier_features
 
 
 @dataclass(frozen=True)
@@ -118,24 +119,18 @@ class ReferenceIndex:
         """Embeddings of the labeled tree ``folder`` from ``model`` (a `BackboneClassifier`), with
         the classifier's own preprocessing and pooling, cached under ``cache_dir``.
 
-        The cache key is the one `dinov2-finetune --cache-features` uses (backbone weights, files,
-        preprocessing, pooling), so serving a linear probe with its training split as the reference
-        reads the features that training already computed.
+        Read through `classifier_features`, as `dinov2-finetune --cache-features` reads them, so
+        serving a linear probe with its training split as the reference reads the features that
+        training already computed.
         """
-        fs = extract_features(
-            model.backbone,
-            os.fspath(folder),
-            pooling=model.pooling,
-            image_size=prep.image_size,
-            resize_size=prep.resize_size,
-            mean=prep.mean,
-            std=prep.std,
-            interpolation=prep.interpolation,
-            batch_size=batch_size,
-            device=device,
+        fs = classifier_features(
+            model,
+            prep,
+            folder,
             cache_dir=cache_dir,
             max_images_per_class=max_per_class,
-            labeled=True,
+            batch_size=batch_size,
+            device=device,
             progress=progress,
         )
         return cls(fs, expected_dim=model.head.linear.in_features)

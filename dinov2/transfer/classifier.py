@@ -29,7 +29,7 @@ from torchvision import transforms
 
 from dinov2.data.transforms import MaybeToTensor, make_normalize_transform
 from dinov2.eval.backbones import pool_tokens
-from dinov2.eval.features import Preprocessing
+from dinov2.eval.features import FeatureSet, Preprocessing, extract_features
 from dinov2.models.block_layout import convert_block_layout
 from dinov2.models.vision_transformer import DinoVisionTransformer
 from dinov2.models.weights import backbone_config
@@ -173,6 +173,44 @@ class BackboneClassifier(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images))
+
+
+def classifier_features(
+    model: BackboneClassifier,
+    prep: Preprocessing,
+    folder: str | os.PathLike,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    max_images_per_class: int | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> FeatureSet:
+    """What ``model``'s head receives for every image of the labeled tree ``folder``: its frozen
+    backbone's features with the classifier's own preprocessing and pooling, through
+    `extract_features` and its cache.
+
+    `dinov2-finetune --cache-features` and the web app's reference set both read features here, so
+    they share cache files (the key covers backbone weights, files, preprocessing and pooling).
+    """
+    return extract_features(
+        model.backbone,
+        os.fspath(folder),
+        pooling=model.pooling,
+        image_size=prep.image_size,
+        resize_size=prep.resize_size,
+        mean=prep.mean,
+        std=prep.std,
+        interpolation=prep.interpolation,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+        cache_dir=cache_dir,
+        max_images_per_class=max_images_per_class,
+        labeled=True,
+        progress=progress,
+    )
 
 
 # ----------------------------------------------------------------------------------------------

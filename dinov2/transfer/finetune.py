@@ -51,12 +51,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from dinov2.eval.features import Preprocessing, extract_features
+from dinov2.eval.features import Preprocessing
 from dinov2.eval.metrics import classification_metrics
 from dinov2.eval.reports import write_json
 from dinov2.transfer.classifier import (
     BackboneClassifier,
     classifier_checkpoint,
+    classifier_features,
     classifier_param_groups,
     make_eval_transform,
     make_train_transform,
@@ -124,20 +125,14 @@ def _cached_features(
     """(features, TRN-ordered labels) of ``folder`` from the frozen backbone, cached on disk under
     ``output_dir/feature_cache`` (keyed on weights, data and preprocessing) so a resumed run skips
     the extraction."""
-    fs = extract_features(
-        model.backbone,
+    fs = classifier_features(
+        model,
+        prep,
         folder,
-        pooling=model.pooling,
-        image_size=prep.image_size,
-        resize_size=prep.resize_size,
-        mean=prep.mean,
-        std=prep.std,
-        interpolation=prep.interpolation,
+        cache_dir=Path(config.output_dir) / "feature_cache",
         batch_size=config.batch_size,
         num_workers=config.num_workers,
         device=device,
-        cache_dir=Path(config.output_dir) / "feature_cache",
-        labeled=True,
         progress=config.progress,
     )
     unknown = [c for c in fs.class_names if c not in classes]
