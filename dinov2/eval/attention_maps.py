@@ -200,6 +200,7 @@ def save_attention_grids(
         used.add(stem)
         png = plot_attention_grid(shown, maps, out / f"{stem}_attention.png", title=str(Path(p).name))
         if save_arrays:
-            np.save(out / f"{stem}_attention.npy", maps.numpy())
+            with atomic_path(out / f"{stem}_attention.npy") as tmp:
+                np.save(tmp, maps.numpy())
         written.append(png)
     return written

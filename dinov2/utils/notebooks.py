@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from dinov2.utils.files import atomic_write
+
 
 def strip_notebook(nb: dict) -> bool:
     """Remove outputs, execution counts and volatile metadata in place. Returns True if changed."""
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             if has_outputs(nb):
                 dirty.append(path)
         elif strip_notebook(nb):
-            path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+            atomic_write(path, json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
             dirty.append(path)
     for path in dirty:
         print(f"{'has outputs' if args.check else 'stripped'}: {path}")
