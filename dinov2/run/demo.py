@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from dinov2.utils.files import atomic_write
+
 # The recipe that learns cells on a CPU (issue 13); it lives beside the package in the repository.
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "pbc_cpu_recipe.yaml"
 SYNTHETIC_SIZE = 128
@@ -84,7 +86,7 @@ def prepare_data(settings: DemoSettings) -> Path:
     n = settings.synthetic_per_class
     status("data", f"generating {8 * n} synthetic cells ({SYNTHETIC_SIZE} px) in {root}")
     generate_synthetic_cells(root, n, size=SYNTHETIC_SIZE, seed=settings.seed)
-    done.write_text("ok\n")
+    atomic_write(done, "ok\n")
     return root
 
 
@@ -288,7 +290,7 @@ def write_markdown_report(settings: DemoSettings, info: dict, evals: dict, figur
         "",
     ]
     path = out / "report.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
+    atomic_write(path, "\n".join(lines))
     return path
 
 
@@ -317,8 +319,9 @@ def run_demo(settings: DemoSettings) -> Path:
     }
     report = write_markdown_report(settings, info, evals, figures)
     summary = {name: e["summary"] for name, e in evals.items()}
-    (settings.output_dir / "demo_summary.json").write_text(
-        json.dumps({"info": info, "summary": summary}, indent=2, default=str), encoding="utf-8"
+    atomic_write(
+        settings.output_dir / "demo_summary.json",
+        json.dumps({"info": info, "summary": summary}, indent=2, default=str),
     )
     status("report", f"{report} ({info['total_minutes']:.1f} min)")
     for name, s in summary.items():
