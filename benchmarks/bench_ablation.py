@@ -103,9 +103,10 @@ def score_row(run_dir: Path, data: str, max_per_class: int | None, folds: int, s
 def teacher_entropy_trace(run_dir: Path, every: int = 100) -> list[float]:
     """The teacher's output entropy as a fraction of log K every `every` iterations: flat (near 1) is
     the failure the recipe's diagnosis found, a fall is the teacher sharpening on the data."""
+    from bench_learning_curve import training_records  # the sibling script (sys.path above)
+
     trace = {}
-    for line in (run_dir / "training_metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
+    for r in training_records(run_dir):
         if "teacher_entropy_frac" in r and r["iteration"] % every == 0:
             trace[r["iteration"]] = r["teacher_entropy_frac"]  # a resumed run rewrites the same iteration
     return [trace[i] for i in sorted(trace)]

@@ -60,23 +60,32 @@ def teacher_exports(run_dir: Path) -> list[tuple[int, Path]]:
     return list_teacher_exports(run_dir)
 
 
+def training_records(run_dir: Path) -> list[dict]:
+    """The records of a run's training_metrics.jsonl (none when it has no log yet)."""
+    log = run_dir / "training_metrics.jsonl"
+    if not log.is_file():
+        return []
+    records = []
+    for line in log.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by a killed run
+    return records
+
+
 def training_minutes(run_dir: Path) -> dict[int, float]:
     """Wall-clock minutes of training at each logged iteration (from training_metrics.jsonl).
 
     Uses the `wall_time` field (seconds since the epoch) when present, relative to the run's start
     (config.yaml's modification time, written just before the first iteration).
     """
-    log = run_dir / "training_metrics.jsonl"
     config = run_dir / "config.yaml"
-    if not log.is_file() or not config.is_file():
+    if not config.is_file():
         return {}
     start = config.stat().st_mtime
     out = {}
-    for line in log.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a killed run
+    for record in training_records(run_dir):
         if "wall_time" in record:
             out[int(record["iteration"])] = (record["wall_time"] - start) / 60.0
     return out
