@@ -82,3 +82,23 @@ def apply_device_precision(
             len(switched),
         )
     return bool(switched)
+
+
+def crop_transfer_dtype(cfg: DictConfig, device_type: str) -> torch.dtype:
+    """The dtype the data loader collates crops in: what both backbones compute in, on a GPU.
+
+    The backbones' first operation (the patch embedding) casts its input to the compute dtype under
+    autocast, and FSDP2 casts forward inputs to its `param_dtype`: collating in that dtype already is
+    the same rounding done on the host, so the result is bit-identical while the host-to-device copy
+    is half the size (68 MB -> 34 MB per step at batch 32 of ViT-L crops). float32 otherwise: on the
+    CPU (no autocast), or when the two backbones compute in different dtypes.
+    """
+    if device_type != "cuda":
+        return torch.float32
+    backbones = (cfg.compute_precision[who].backbone for who in ("student", "teacher"))
+    dtypes = {str(part.mixed_precision.param_dtype) for part in backbones}
+    if dtypes == {"bf16"}:
+        return torch.bfloat16
+    if dtypes == {"fp16"}:
+        return torch.float16
+    return torch.float32

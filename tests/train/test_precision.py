@@ -5,7 +5,7 @@ import logging
 import pytest
 import torch
 
-from dinov2.train.precision import apply_device_precision, resolve_compute_dtype
+from dinov2.train.precision import apply_device_precision, crop_transfer_dtype, resolve_compute_dtype
 from dinov2.train.train import main, model_uses_fp16
 from dinov2.utils.config import ConfigError, build_config
 
@@ -68,3 +68,46 @@ def test_training_with_fp16_on_cpu_is_rejected_at_startup_naming_the_key(tmp_pat
         "this process runs on cpu; use bf16 or fp32"
     )
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    "device_type, student, teacher, expected",
+    [
+        ("cuda", "bf16", "bf16", torch.bfloat16),  # half the host-to-device bytes of fp32
+        ("cuda", "fp16", "fp16", torch.float16),  # pre-Ampere after the bf16 -> fp16 switch
+        ("cuda", "bf16", "fp32", torch.float32),  # an fp32 teacher must see the crops unrounded
+        ("cuda", "fp32", "fp32", torch.float32),
+        ("cpu", "bf16", "bf16", torch.float32),  # no autocast on the CPU: the model computes in fp32
+    ],
+)
+def test_crops_are_collated_in_the_backbones_compute_dtype(device_type, student, teacher, expected):
+    cfg = build_config(None, [
+        f"compute_precision.student.backbone.mixed_precision.param_dtype={student}",
+        f"compute_precision.teacher.backbone.mixed_precision.param_dtype={teacher}",
+    ], check_paths=False)  # fmt: skip
+    assert crop_transfer_dtype(cfg, device_type) == expected
+
+
+@pytest.mark.parametrize("separate_head", [False, True])
+def test_bf16_collated_crops_give_the_bit_identical_bf16_step(separate_head):
+    """The autocast step casts the crops to bf16 in its first op: collating them in bf16 changes nothing."""
+    from test_ssl_meta_arch import _arch, _batch
+
+    grads, losses = [], []
+    for crop_dtype in (torch.float32, torch.bfloat16):
+        arch = _arch(separate_head=separate_head)
+        assert arch.autocast_dtype == torch.bfloat16
+        arch.autocast_devices = ("cuda", "cpu")  # run the GPU's autocast path on the CPU
+        batch = _batch(3)
+        for key in ("collated_global_crops", "collated_local_crops"):
+            batch[key] = batch[key].to(crop_dtype)
+        losses.append(arch.forward_backward(batch, teacher_temp=0.05))
+        grads.append([p.grad.clone() for p in arch.student.parameters() if p.grad is not None])
+    assert losses[0].keys() == losses[1].keys()
+    for key in losses[0]:
+        assert torch.equal(losses[0][key], losses[1][key]), key
+    assert len(grads[0]) == len(grads[1]) > 0
+    assert all(torch.equal(a, b) for a, b in zip(grads[0], grads[1]))
+    # ...and the rounding is real: the crops themselves differ between the two dtypes.
+    crops = _batch(3)["collated_global_crops"]
+    assert not torch.equal(crops, crops.to(torch.bfloat16).float())
