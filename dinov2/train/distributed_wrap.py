@@ -15,6 +15,8 @@ The teacher EMA then runs on matching local shards.
 """
 
 import logging
+import os
+import shutil
 import time
 from collections.abc import Iterable
 from functools import partial
@@ -249,10 +251,43 @@ def apply_fsdp2(model: nn.Module, precision_cfg) -> list[nn.Parameter]:
     return unsharded
 
 
-def compile_backbones(model: nn.Module) -> None:
-    """torch.compile each backbone block in place (state-dict keys stay unchanged)."""
+def check_compile_supported(device_type: str) -> None:
+    """Raise ConfigError (naming `train.compile`) when torch.compile's default backend cannot run here.
+
+    Inductor generates Triton kernels on a GPU and C++ on the CPU: without Triton, or without a C++
+    compiler, the first compiled forward would fail minutes into the run instead of at start-up.
+    """
+    from dinov2.utils.config import ConfigError
+
+    if device_type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise ConfigError(
+                "train.compile=true needs Triton on a GPU (pip install triton), or set train.compile=false"
+            )
+    elif device_type == "cpu":
+        compilers = [os.environ.get("CXX", ""), "g++", "c++", "clang++"]
+        if not any(c and shutil.which(c) for c in compilers):
+            raise ConfigError(
+                "train.compile=true on the CPU needs a C++ compiler (g++ or clang++, or $CXX) on PATH, "
+                "or set train.compile=false"
+            )
+
+
+def compile_backbones(model: nn.Module, backend: str = "inductor") -> None:
+    """torch.compile each transformer block of the student and teacher backbones, in place.
+
+    Call it before `apply_fsdp2` (as torchtitan does): each block is compiled as it is, and FSDP2
+    then registers its all-gather / reshard hooks around the block's call; Dynamo runs those hooks
+    eagerly (`torch._dynamo.config.skip_fsdp_hooks`), so they never enter a graph. Blocks compile
+    in place (`nn.Module.compile`), so parameter names and checkpoint keys are unchanged, and the
+    blocks of one backbone, having one structure, share compiled graphs: the first step compiles a
+    graph per crop shape and grad mode (student globals, student locals, teacher), later steps reuse
+    them. `backend` is torch.compile's (tests use "aot_eager" to skip code generation).
+    """
     for who in ("student", "teacher"):
         backbone = getattr(model, who)["backbone"]
         for block in _blocks(backbone):
-            block.compile()
-    logger.info("torch.compile enabled for the student and teacher backbone blocks")
+            block.compile(backend=backend)
+    logger.info("torch.compile (%s) enabled for the student and teacher backbone blocks", backend)

@@ -60,11 +60,12 @@ from dinov2.train.distributed_wrap import (  # noqa: E402
     GradientSync,
     apply_fsdp2,
     broadcast_module_state_,
+    check_compile_supported,
     compile_backbones,
 )
 from dinov2.train.metrics_logger import MetricsLogger, peak_memory_mb  # noqa: E402
 from dinov2.train.online_knn import OnlineKNN  # noqa: E402
-from dinov2.train.precision import apply_device_precision  # noqa: E402
+from dinov2.train.precision import apply_device_precision, crop_transfer_dtype  # noqa: E402
 from dinov2.train.preemption import DEFAULT_SIGNALS, PreemptionFlag  # noqa: E402
 from dinov2.train.schedules import build_schedulers  # noqa: E402
 from dinov2.train.ssl_meta_arch import SSLMetaArch  # noqa: E402
@@ -148,7 +149,7 @@ def build_data(cfg: DictConfig, info: distributed.DistributedInfo, start_positio
         collate_data_and_cast,
         mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
         mask_probability=cfg.ibot.mask_sample_probability,
-        dtype=torch.float32,  # FSDP / autocast cast to the compute dtype on the device
+        dtype=crop_transfer_dtype(cfg, info.device.type),  # what autocast / FSDP2 would cast to
         n_tokens=grid * grid,
         mask_generator=MaskingGenerator(input_size=(grid, grid), max_num_patches=int(0.5 * grid * grid)),
     )
@@ -374,12 +375,12 @@ def do_train(
         broadcast_module_state_(model)
     start_iter = checkpoint["iteration"] if checkpoint is not None else 0
 
+    if cfg.train.compile:
+        compile_backbones(model)  # before sharding: FSDP2's hooks then wrap the compiled blocks
     synced = list(model.student.parameters()) if cfg.train.distributed == "ddp" else []
     if cfg.train.distributed == "fsdp" and info.world_size > 1:
         synced = apply_fsdp2(model, cfg.compute_precision)  # the NO_SHARD parts, if any
         model.autocast_dtype = None  # FSDP2's MixedPrecisionPolicy casts instead
-    if cfg.train.compile:
-        compile_backbones(model)
     warmup_iters = cfg.student.head_warmup_iterations
     if warmup_iters and not cfg.student.pretrained_weights:
         logger.warning(
@@ -578,6 +579,8 @@ def main(args: argparse.Namespace | list[str] | None = None) -> TrainResult:
             handlers = setup_logging(cfg.train.output_dir, info.rank)
             fix_random_seeds(cfg.train.seed + info.rank)
             apply_device_precision(cfg, info.device)  # bf16 -> fp16 on pre-Ampere GPUs; fp16 on CPU: error
+            if cfg.train.compile:
+                check_compile_supported(info.device.type)
             model = build_model(cfg, info.device)
             result = do_train(cfg, model, info, resume=not args.no_resume)
         except Exception as e:
