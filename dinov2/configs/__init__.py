@@ -8,6 +8,9 @@ any directory.
 A config file may name the file it builds on with a top-level `_base_:` key (a path relative to the
 file, a path, or a packaged name); the base is loaded first (recursively) and the file's own keys are
 merged over it, so an override file holds only what differs. `_base_` never reaches the merged config.
+
+The types and rules of every key live in `dinov2.configs.schema` (one dataclass per section);
+`dinov2.utils.config.build_config` merges and validates against them.
 """
 
 from pathlib import Path
