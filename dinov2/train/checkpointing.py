@@ -13,17 +13,18 @@ warning when resuming. A write that fails (disk full, no permission) raises `Che
 naming the file, after removing its temporary file; older checkpoints are untouched.
 """
 
+import contextlib
 import logging
-import os
 import random
 import re
-import tempfile
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from dinov2.utils import files
 
 logger = logging.getLogger("dinov2")
 
@@ -59,45 +60,15 @@ def checkpoint_iteration(path: str | Path) -> int:
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    """torch.save `obj` to `path` via a same-folder temp file, fsync and os.replace.
+    """torch.save `obj` to `path` atomically (dinov2.utils.files: temp file, fsync, os.replace).
 
     The final name only ever holds a complete file; the temp file is removed on failure. An OSError
     (ENOSPC, EACCES, ...) is raised again as CheckpointWriteError whose filename is `path`.
     """
-    path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        return files.atomic_torch_save(obj, path)
     except OSError as e:
-        raise CheckpointWriteError.of(e, path) from e
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with _suppress_os_error():
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise CheckpointWriteError.of(e, path) from e
-        raise
-    # Make the rename itself durable.
-    with _suppress_os_error():
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    return path
-
-
-class _suppress_os_error:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        return exc_type is not None and issubclass(exc_type, OSError)
+        raise CheckpointWriteError.of(e, Path(path)) from e
 
 
 def list_checkpoints(checkpoint_dir: str | Path) -> list[tuple[int, Path]]:
@@ -162,7 +133,7 @@ def save_checkpoint(
     path = atomic_torch_save(state, Path(checkpoint_dir) / checkpoint_name(int(state["iteration"])))
     rotating = [(it, p) for it, p in list_checkpoints(checkpoint_dir) if it not in protect]
     for _, old in rotating[:-keep]:
-        with _suppress_os_error():
+        with contextlib.suppress(OSError):
             old.unlink()
     return path
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from dinov2.train import checkpointing as ckpt
+from dinov2.utils import files
 
 
 def _state(iteration, value=1.0):
@@ -150,7 +151,7 @@ def test_permission_error_names_the_file(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path))
 
-    monkeypatch.setattr(ckpt.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(files, "_create_temporary_sibling", refuse)
     target = tmp_path / "eval" / "7" / "teacher_checkpoint.pth"
     with pytest.raises(ckpt.CheckpointWriteError, match="Permission denied") as caught:
         ckpt.export_teacher({"w": torch.ones(2)}, tmp_path, 7)
