@@ -1,23 +1,15 @@
-"""k-nearest-neighbour classification on cosine similarity, in chunks with ``torch.topk``.
+"""k-nearest-neighbour classification on cosine similarity for the evaluation suite: several k from
+one neighbour search, majority or weighted votes, optional class scores.
 
-Features are L2-normalised, so the dot product is the cosine similarity. Queries are processed in
-chunks: each chunk's similarity block ``[chunk, N_train]`` is reduced to its top ``max(k)``
-neighbours before the next chunk is computed, so memory stays ``O(chunk * N_train)`` and the full
-``N_test x N_train`` matrix is never materialised. One top-k pass serves every requested k.
-
-Votes:
-
-- ``"majority"``: each of the k neighbours votes 1 for its class. Ties between classes are broken
-  in favour of the tied class whose best-ranked neighbour is nearest to the query (equivalently:
-  the class that reached the winning count first when walking the neighbours from the nearest),
-  which is deterministic and keeps 1-NN behaviour as the last resort.
-- ``"weighted"``: DINO's temperature-weighted vote: neighbour ``j`` votes ``exp(sim_j / T)`` for
-  its class (T = 0.07) and the class with the largest summed weight wins.
+The search and the vote are the shared primitive `dinov2.utils.knn` (also used by the online
+monitor in `dinov2.train.online_knn`); `topk_neighbours` and `vote` are re-exported here. That
+module's docstring describes the chunked search and both votes (majority with its tie-break, DINO's
+``exp(sim / T)`` weighting).
 
 Example::
 
     preds = knn_predict(train_x, train_y, test_x, ks=(1, 20))        # {1: [N], 20: [N]}
-    preds = knn_predict(train_x, train_y, test_x, ks=(20,), vote="weighted")
+    preds = knn_predict(train_x, train_y, test_x, ks=(20,), vote_method="weighted")
 """
 
 from __future__ import annotations
@@ -27,20 +19,9 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
-from dinov2.utils.device import resolve_device
+from dinov2.utils.knn import VOTES, topk_neighbours, vote
 
-VOTES = ("majority", "weighted")
-
-
-def _to_tensor(x, name: str, device: torch.device) -> torch.Tensor:
-    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
-    if t.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D array [N, D], got shape {tuple(t.shape)}")
-    return t.to(device=device, dtype=torch.float32)
-
-
-def _l2_normalise(x: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.normalize(x, dim=1, eps=1e-12)
+__all__ = ["VOTES", "knn_predict", "topk_neighbours", "vote"]
 
 
 def _check_ks(ks: Iterable[int], n_train: int) -> list[int]:
@@ -52,86 +33,6 @@ def _check_ks(ks: Iterable[int], n_train: int) -> list[int]:
     if ks[-1] > n_train:
         raise ValueError(f"k={ks[-1]} exceeds the number of training samples ({n_train})")
     return ks
-
-
-def topk_neighbours(
-    train_features,
-    test_features,
-    k: int,
-    *,
-    chunk_size: int = 1024,
-    device: str | torch.device | None = None,
-    exclude_self: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cosine similarities and indices of the ``k`` nearest training samples of each query.
-
-    Args:
-        train_features: [N_train, D]; test_features: [N_test, D] (numpy or torch, any float dtype).
-        k: number of neighbours (sorted by decreasing similarity).
-        chunk_size: queries per similarity block.
-        device: where to compute (default CUDA when available, else CPU).
-        exclude_self: the queries are the training set itself (same order); a sample is not its
-            own neighbour (leave-one-out).
-
-    Returns:
-        ``(similarities [N_test, k] float32, indices [N_test, k] int64)`` on the CPU.
-    """
-    dev = resolve_device(device)
-    train = _l2_normalise(_to_tensor(train_features, "train_features", dev))
-    test = _l2_normalise(_to_tensor(test_features, "test_features", dev))
-    if train.shape[1] != test.shape[1]:
-        raise ValueError(f"feature dimensions differ: train {train.shape[1]} vs test {test.shape[1]}")
-    if exclude_self and train.shape[0] != test.shape[0]:
-        raise ValueError("exclude_self=True needs the queries to be the training set")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    n_avail = train.shape[0] - (1 if exclude_self else 0)
-    if not 1 <= k <= n_avail:
-        raise ValueError(f"k={k} must be between 1 and the number of candidate neighbours ({n_avail})")
-    # The transposed copy is contiguous once so every chunk's matmul reads it linearly.
-    train_t = train.T.contiguous()
-    sims, idxs = [], []
-    for start in range(0, test.shape[0], chunk_size):
-        block = test[start : start + chunk_size] @ train_t
-        if exclude_self:
-            rows = torch.arange(block.shape[0], device=dev)
-            block[rows, rows + start] = -float("inf")
-        s, i = torch.topk(block, k, dim=1, largest=True, sorted=True)
-        sims.append(s.cpu())
-        idxs.append(i.cpu())
-    return torch.cat(sims), torch.cat(idxs)
-
-
-def vote(
-    neighbour_labels: torch.Tensor,
-    neighbour_sims: torch.Tensor,
-    num_classes: int,
-    *,
-    method: str = "majority",
-    temperature: float = 0.07,
-) -> torch.Tensor:
-    """Class scores [N, C] from the labels [N, k] and similarities [N, k] of ranked neighbours.
-
-    ``argmax`` of the returned scores is the prediction; for ``"majority"`` the scores are vote
-    counts plus a tie-break bonus < 1 favouring the class whose first neighbour is nearest.
-    """
-    if method not in VOTES:
-        raise ValueError(f"vote must be one of {VOTES}, got {method!r}")
-    n, k = neighbour_labels.shape
-    labels = neighbour_labels.long()
-    if method == "weighted":
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        weights = (neighbour_sims.double() / temperature).exp()
-        scores = torch.zeros(n, num_classes, dtype=torch.float64)
-        return scores.scatter_add_(1, labels, weights)
-    counts = torch.zeros(n, num_classes, dtype=torch.float64)
-    counts.scatter_add_(1, labels, torch.ones(n, k, dtype=torch.float64))
-    # Rank of each class's nearest neighbour (k when absent); bonus in (0, 1) decreasing with rank.
-    ranks = torch.arange(k).expand(n, k)
-    first = torch.full((n, num_classes), k, dtype=torch.long)
-    first.scatter_reduce_(1, labels, ranks, reduce="amin", include_self=True)
-    return counts + (k - first).double() / (k + 1)
 
 
 def knn_predict(
@@ -153,7 +54,7 @@ def knn_predict(
         train_features: [N_train, D]; train_labels: [N_train] class indices >= 0.
         test_features: [N_test, D].
         ks: numbers of neighbours (each <= N_train).
-        vote_method: ``"majority"`` or ``"weighted"`` (see module doc).
+        vote_method: ``"majority"`` or ``"weighted"`` (see `dinov2.utils.knn`).
         temperature: T of the weighted vote.
         num_classes: default ``max(train_labels) + 1``.
         chunk_size, device: see :func:`topk_neighbours`.

@@ -3,7 +3,8 @@
 A training-time health check, not the evaluation suite (dinov2/eval is a later stage): the labeled
 folder is split once, stratified by class, into a memory bank (half) and queries (half); every
 check embeds both with the current teacher backbone and votes with DINO's weighting
-exp(cosine / T) over the k nearest bank images.
+exp(cosine / T) over the k nearest bank images. The neighbour search and the vote are the k-NN
+primitive `dinov2.utils.knn`, shared with `dinov2.eval.knn`.
 
 Usage:
     knn = OnlineKNN("/data/pbc_small", image_size=224, max_images=2000, seed=0)
@@ -15,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from dinov2.data.datasets import CellImageDataset
 from dinov2.data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from dinov2.utils.knn import topk_neighbours, vote
 
 logger = logging.getLogger("dinov2")
 
@@ -50,17 +51,16 @@ def knn_predict(
     k: int,
     temperature: float,
 ) -> torch.Tensor:
-    """Class predictions [Q] by cosine k-NN with exp(sim / temperature) vote weights.
+    """Class predictions [Q] (int64, CPU) by cosine k-NN with exp(sim / temperature) vote weights.
 
     Args:
         query: [Q, D] features; bank: [N, D] features; bank_labels: [N] int64 in [0, num_classes).
+        k: neighbours, capped at N (a small bank still gives an answer).
     """
-    query, bank = F.normalize(query.float(), dim=-1), F.normalize(bank.float(), dim=-1)
-    k = min(k, bank.shape[0])
-    sims, idx = (query @ bank.T).topk(k, dim=-1)
-    votes = torch.zeros(query.shape[0], num_classes, dtype=torch.float64)
-    votes.scatter_add_(1, bank_labels[idx], torch.exp(sims.double() / temperature))
-    return votes.argmax(dim=-1)
+    # Computed where the features are: the monitor's features are already on the CPU.
+    sims, idx = topk_neighbours(bank, query, min(k, bank.shape[0]), device=query.device)
+    scores = vote(bank_labels.cpu()[idx], sims, num_classes, method="weighted", temperature=temperature)
+    return scores.argmax(dim=-1)
 
 
 def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:

@@ -35,3 +35,32 @@ def test_balanced_accuracy_by_hand():
     y_true = np.array([0, 0, 0, 0, 1])
     y_pred = np.array([0, 0, 0, 0, 0])
     assert balanced_accuracy(y_true, y_pred) == pytest.approx(0.5)  # recalls 1.0 and 0.0
+
+
+def test_knn_predict_equals_sklearn_weighted_cosine_and_the_eval_suite():
+    from sklearn.neighbors import KNeighborsClassifier
+
+    from dinov2.eval.knn import knn_predict as eval_knn_predict
+
+    rng = np.random.default_rng(5)
+    bank, query = rng.normal(size=(150, 12)), rng.normal(size=(61, 12))
+    labels = rng.integers(0, 4, 150)
+    k, temperature = 20, 0.07
+    q, b, y = torch.from_numpy(query), torch.from_numpy(bank), torch.from_numpy(labels)
+    ours = knn_predict(q, b, y, 4, k, temperature)
+    sk = KNeighborsClassifier(
+        n_neighbors=k, metric="cosine", algorithm="brute", weights=lambda d: np.exp((1.0 - d) / temperature)
+    ).fit(bank, labels)
+    np.testing.assert_array_equal(ours.numpy(), sk.predict(query))
+    # The monitor and dinov2.eval share one primitive, so their weighted votes agree exactly.
+    evaluated = eval_knn_predict(bank, labels, query, ks=(k,), vote_method="weighted", device="cpu")
+    np.testing.assert_array_equal(ours.numpy(), evaluated[k])
+
+
+def test_knn_predict_caps_k_at_the_bank_size():
+    bank = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.1]])
+    labels = torch.tensor([0, 1, 1])
+    query = torch.tensor([[1.0, 0.05], [0.1, 1.0]])
+    # k=50 over 3 bank images is k=3; T=10 makes the weights nearly equal, so the 2-image class wins.
+    assert knn_predict(query, bank, labels, 2, k=50, temperature=10.0).tolist() == [1, 1]
+    assert knn_predict(query, bank, labels, 2, k=1, temperature=10.0).tolist() == [0, 1]
