@@ -23,56 +23,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def _dist_active() -> bool:
-    """True when a default process group exists (collectives must then run on every rank)."""
-    return dist.is_available() and dist.is_initialized()
+from dinov2.loss.center import CenterUpdate, apply_center_update_before_state_dict
+from dinov2.utils.distributed import get_global_size, is_enabled
 
 
-def _world_size() -> int:
-    return dist.get_world_size() if _dist_active() else 1
-
-
-def _check_hparams(student_temp: float, center_momentum: float) -> None:
+def _check_student_temp(student_temp: float) -> None:
     if not student_temp > 0:
         raise ValueError(f"student_temp must be > 0, got {student_temp}")
-    if not 0.0 <= center_momentum <= 1.0:
-        raise ValueError(f"center_momentum must be in [0, 1], got {center_momentum}")
 
 
 def _check_teacher_temp(teacher_temp: float) -> None:
     if not teacher_temp > 0:
         raise ValueError(f"teacher_temp must be > 0, got {teacher_temp}")
-
-
-def _flush_center_update(module: nn.Module, prefix: str, keep_vars: bool) -> None:
-    """State-dict pre-hook: apply a pending lazy center update so checkpoints hold the current center
-    (a plain function, not a lambda, so the module stays picklable)."""
-    module.apply_center_update()
-
-
-def _start_center_reduce(loss: nn.Module, batch_sum: Tensor) -> None:
-    """Mark a center update pending on `loss` with this rank's batch sum; all-reduce it asynchronously.
-
-    Shared by DINOLoss and iBOTPatchLoss: the reduction overlaps the student's forward/backward and
-    is waited for only when the center is next needed (`_finish_center_update`).
-    """
-    loss.updated = False
-    loss.async_batch_center = batch_sum
-    if _dist_active():
-        loss.reduce_handle = dist.all_reduce(batch_sum, async_op=True)
-
-
-def _finish_center_update(loss: nn.Module, n_local: int) -> None:
-    """center <- m * center + (1 - m) * (sum over ranks) / (n_local * world_size); no-op when none pending."""
-    if loss.updated:
-        return
-    if loss.reduce_handle is not None:
-        loss.reduce_handle.wait()
-        loss.reduce_handle = None
-    batch_center = loss.async_batch_center / (n_local * _world_size())
-    loss.center.mul_(loss.center_momentum).add_(batch_center, alpha=1 - loss.center_momentum)
-    loss.updated = True
 
 
 def sinkhorn_knopp(
@@ -122,11 +84,11 @@ def _global_logsumexp(x: Tensor) -> Tensor:
         row_max = x.new_full((x.shape[0], 1), float("-inf"))
     else:
         row_max = x.max(dim=1, keepdim=True).values
-    if _dist_active():
+    if is_enabled():
         dist.all_reduce(row_max, op=dist.ReduceOp.MAX)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     sums = torch.exp(x - row_max).sum(dim=1, keepdim=True)
-    if _dist_active():
+    if is_enabled():
         dist.all_reduce(sums)
     return row_max + torch.log(sums)
 
@@ -140,24 +102,26 @@ class DINOLoss(nn.Module):
         center_momentum: EMA momentum of the teacher center (softmax-centering only).
 
     Buffers:
-        center: [1, K] running mean of the teacher logits, saved in the state dict. A pending lazy
-            update is applied before the state dict is produced, so a resumed run continues exactly.
+        center: [1, K] running mean of the teacher logits, saved in the state dict. Its update is
+            lazy (``center_update``, a `CenterUpdate`): started by update_center(), applied before
+            the centre is next used or the state dict is produced, so a resumed run continues exactly.
     """
 
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
         super().__init__()
         if out_dim < 1:
             raise ValueError(f"out_dim must be >= 1, got {out_dim}")
-        _check_hparams(student_temp, center_momentum)
+        _check_student_temp(student_temp)
+        self.center_update = CenterUpdate(center_momentum)
         self.out_dim = out_dim
         self.student_temp = student_temp
-        self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
-        self.updated = True
-        self.reduce_handle = None
-        self.len_teacher_output: int | None = None
-        self.async_batch_center: Tensor | None = None
-        self.register_state_dict_pre_hook(_flush_center_update)
+        self.register_state_dict_pre_hook(apply_center_update_before_state_dict)
+
+    @property
+    def center_momentum(self) -> float:
+        """EMA momentum of the centre (held by `center_update`)."""
+        return self.center_update.momentum
 
     @torch.no_grad()
     def softmax_center_teacher(self, teacher_output: Tensor, teacher_temp: float) -> Tensor:
@@ -178,7 +142,7 @@ class DINOLoss(nn.Module):
         """
         self._check_last_dim(teacher_output, "teacher_output")
         return sinkhorn_knopp(
-            teacher_output, teacher_temp, teacher_output.shape[0] * _world_size(), n_iterations
+            teacher_output, teacher_temp, teacher_output.shape[0] * get_global_size(), n_iterations
         )
 
     def forward(
@@ -220,15 +184,16 @@ class DINOLoss(nn.Module):
         With a process group, the batch sum is all-reduced asynchronously; the new center
         center * m + (sum over ranks) / (n * world_size) * (1 - m) is applied by apply_center_update().
         """
+        if teacher_output.ndim != 2:
+            raise ValueError(f"teacher_output must be [n, {self.out_dim}], got {tuple(teacher_output.shape)}")
         self._check_last_dim(teacher_output, "teacher_output")
         self.apply_center_update()  # never drop an update that was not consumed yet
-        self.len_teacher_output = len(teacher_output)
-        _start_center_reduce(self, torch.sum(teacher_output.float(), dim=0, keepdim=True))
+        self.center_update.update(teacher_output)
 
     @torch.no_grad()
     def apply_center_update(self) -> None:
         """Finish a pending update_center() (wait for its all_reduce); no-op when none is pending."""
-        _finish_center_update(self, self.len_teacher_output)
+        self.center_update.apply(self.center)
 
     def _check_last_dim(self, x: Tensor, what: str) -> None:
         if x.ndim < 2 or x.shape[-1] != self.out_dim:

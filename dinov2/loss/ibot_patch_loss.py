@@ -18,15 +18,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dinov2.loss.dino_clstoken_loss import (
-    _check_hparams,
-    _check_teacher_temp,
-    _dist_active,
-    _finish_center_update,
-    _flush_center_update,
-    _start_center_reduce,
-    sinkhorn_knopp,
-)
+from dinov2.loss.center import CenterUpdate, apply_center_update_before_state_dict
+from dinov2.loss.dino_clstoken_loss import _check_student_temp, _check_teacher_temp, sinkhorn_knopp
+from dinov2.utils.distributed import is_enabled
 
 
 def _patch_cross_entropy(teacher: Tensor, student: Tensor, student_temp: float) -> Tensor:
@@ -43,24 +37,26 @@ class iBOTPatchLoss(nn.Module):  # noqa: N801 (DINOv2's public name)
         center_momentum: EMA momentum of the teacher center (softmax-centering only).
 
     Buffers:
-        center: [1, 1, K] running mean of the teacher's masked-patch logits. A pending lazy update is
-            applied before the state dict is produced, so a resumed run continues exactly.
+        center: [1, 1, K] running mean of the teacher's masked-patch logits. Its update is lazy
+            (``center_update``, a `CenterUpdate`): started by update_center(), applied before the
+            centre is next used or the state dict is produced, so a resumed run continues exactly.
     """
 
     def __init__(self, patch_out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
         super().__init__()
         if patch_out_dim < 1:
             raise ValueError(f"patch_out_dim must be >= 1, got {patch_out_dim}")
-        _check_hparams(student_temp, center_momentum)
+        _check_student_temp(student_temp)
+        self.center_update = CenterUpdate(center_momentum)
         self.patch_out_dim = patch_out_dim
         self.student_temp = student_temp
-        self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, 1, patch_out_dim))
-        self.updated = True
-        self.reduce_handle = None
-        self.len_teacher_patch_tokens: int | None = None
-        self.async_batch_center: Tensor | None = None
-        self.register_state_dict_pre_hook(_flush_center_update)
+        self.register_state_dict_pre_hook(apply_center_update_before_state_dict)
+
+    @property
+    def center_momentum(self) -> float:
+        """EMA momentum of the centre (held by `center_update`)."""
+        return self.center_update.momentum
 
     @torch.no_grad()
     def softmax_center_teacher(self, teacher_patch_tokens: Tensor, teacher_temp: float) -> Tensor:
@@ -92,7 +88,7 @@ class iBOTPatchLoss(nn.Module):  # noqa: N801 (DINOv2's public name)
             n_total = n_masked_patches_tensor.detach().reshape(-1)[:1].clone().to(teacher_output.device)
         else:
             n_total = torch.tensor([int(n_masked_patches_tensor)], device=teacher_output.device)
-        if _dist_active():
+        if is_enabled():
             dist.all_reduce(n_total)
         return sinkhorn_knopp(teacher_output, teacher_temp, n_total, n_iterations)
 
@@ -177,20 +173,20 @@ class iBOTPatchLoss(nn.Module):  # noqa: N801 (DINOv2's public name)
                 f"teacher_patch_tokens must be [n, P, K], got {tuple(teacher_patch_tokens.shape)}"
             )
         self._check_last_dim(teacher_patch_tokens, "teacher_patch_tokens")
-        self.apply_center_update()
-        self.len_teacher_patch_tokens = len(teacher_patch_tokens)
+        self.apply_center_update()  # never drop an update that was not consumed yet
+        n_groups = len(teacher_patch_tokens)
         if teacher_patch_tokens.shape[1] == 0:
             # No masked token on this rank: contribute the current center so the (collective) update
             # stays finite and unbiased instead of averaging an empty set into NaN.
-            batch_sum = self.center[0] * len(teacher_patch_tokens)
+            rows = self.center.reshape(1, -1).expand(n_groups, -1)
         else:
-            batch_sum = torch.sum(teacher_patch_tokens.float().mean(1), dim=0, keepdim=True)
-        _start_center_reduce(self, batch_sum)
+            rows = teacher_patch_tokens.float().mean(1)  # [n, K]: each group's mean token
+        self.center_update.update(rows)
 
     @torch.no_grad()
     def apply_center_update(self) -> None:
         """Finish a pending update_center() (wait for its all_reduce); no-op when none is pending."""
-        _finish_center_update(self, self.len_teacher_patch_tokens)
+        self.center_update.apply(self.center)
 
     def _check_last_dim(self, x: Tensor, what: str) -> None:
         if x.ndim < 2 or x.shape[-1] != self.patch_out_dim:

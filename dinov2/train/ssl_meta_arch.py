@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from dinov2.layers import DINOHead
 from dinov2.loss import DINOLoss, KoLeoLoss, iBOTPatchLoss
+from dinov2.loss.center import CenterUpdate
 from dinov2.models import build_model_from_cfg
 from dinov2.train.ema import paired_parameters, update_ema
 from dinov2.train.param_groups import get_params_groups
@@ -188,6 +189,11 @@ class SSLMetaArch(nn.Module):
             teacher_params += t
             student_params += s
         update_ema(teacher_params, student_params, momentum)
+
+    def centers(self) -> tuple[CenterUpdate, ...]:
+        """The lazy centre updates of the DINO and iBOT losses (the step discards them when its
+        loss is not finite)."""
+        return (self.dino_loss.center_update, self.ibot_patch_loss.center_update)
 
     def get_params_groups(self) -> list[dict]:
         """AdamW groups of the student (layer-wise decay etc.); frozen parameters are included so a

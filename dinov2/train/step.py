@@ -92,15 +92,12 @@ class PhaseTimer:
             self._t = now
 
 
-def discard_pending_center_updates(model: torch.nn.Module) -> None:
-    """Drop lazy center updates started by a step whose loss was not finite (they hold its NaNs)."""
-    for module in model.modules():
-        if getattr(module, "updated", True) is False and hasattr(module, "async_batch_center"):
-            handle = getattr(module, "reduce_handle", None)
-            if handle is not None:
-                handle.wait()
-                module.reduce_handle = None
-            module.updated = True
+def discard_pending_center_updates(model) -> None:
+    """Drop the lazy center updates (`model.centers()`) started by a step whose loss was not finite
+    (they hold its NaNs). Collective when distributed: every process discards, as all agree on the
+    loss check."""
+    for center in model.centers():
+        center.discard()
 
 
 def _reduce_and_check(loss_dict: dict[str, torch.Tensor], flag) -> tuple[list[str], torch.Tensor, bool, bool]:

@@ -300,6 +300,23 @@ def test_builds_backbones_from_config():
     assert {"dino_loss.center", "ibot_patch_loss.center"} <= set(arch.state_dict())
 
 
+def test_centre_keys_and_shapes_and_an_old_checkpoint_s_centres_load():
+    arch = _arch()
+    assert arch.centers() == (arch.dino_loss.center_update, arch.ibot_patch_loss.center_update)
+    state = arch.state_dict()
+    assert state["dino_loss.center"].shape == (1, 16)  # [1, dino.head_n_prototypes]
+    assert state["ibot_patch_loss.center"].shape == (1, 1, 16)  # shared head: [1, 1, dino prototypes]
+    assert [k for k in state if "loss" in k] == ["dino_loss.center", "ibot_patch_loss.center"]
+    # A checkpoint's model state as written before the centre update became a component.
+    old = dict(state)
+    old["dino_loss.center"] = torch.linspace(-1, 1, 16).reshape(1, 16)
+    old["ibot_patch_loss.center"] = torch.linspace(2, 3, 16).reshape(1, 1, 16)
+    fresh = _arch(seed=1)
+    fresh.load_state_dict(old, strict=True)
+    torch.testing.assert_close(fresh.dino_loss.center, old["dino_loss.center"])
+    torch.testing.assert_close(fresh.ibot_patch_loss.center, old["ibot_patch_loss.center"])
+
+
 # ------------------------------------------------------------------ two processes (gloo)
 def _rank_batch(batch: dict, rank: int, world: int, b: int) -> dict:
     """The part of a collated batch of b images that rank `rank` sees (its images, both crops, same masks)."""

@@ -96,3 +96,23 @@ def test_non_finite_loss_names_the_term_and_changes_nothing(setup):
         train_step(arch, optimizer, scaler, StepContext(), batch, schedules, 0, cfg)
     for k, v in arch.state_dict().items():
         assert torch.equal(v, before[k]) or (v.isnan() == before[k].isnan()).all(), k
+
+
+def test_a_non_finite_step_applies_the_previous_centre_update_and_discards_its_own(setup):
+    arch, optimizer, scaler, schedules, cfg = setup
+    good = _batch(1)
+    with torch.no_grad():  # the teacher's CLS logits of step 0, before step 0 moves the teacher
+        out = arch.teacher["backbone"].forward_features(good["collated_global_crops"])
+        logits0 = arch.teacher["dino_head"](out["x_norm_clstoken"])
+    train_step(arch, optimizer, scaler, StepContext(), good, schedules, 0, cfg)
+    assert all(center.pending for center in arch.centers()), "step 0's update waits for step 1"
+    bad = _batch(2)
+    bad["collated_global_crops"][0, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteLossError):
+        train_step(arch, optimizer, scaler, StepContext(), bad, schedules, 1, cfg)
+    assert not any(center.pending for center in arch.centers())
+    # step 0's batch is in the centre (applied by step 1's centering), step 1's NaNs are not
+    torch.testing.assert_close(
+        arch.dino_loss.center, 0.1 * logits0.mean(0, keepdim=True), rtol=1e-5, atol=1e-7
+    )
+    assert torch.isfinite(arch.ibot_patch_loss.center).all()
