@@ -25,14 +25,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-logger = logging.getLogger("dinov2")
+from dinov2.utils.distributed import get_global_size
+from dinov2.utils.dtypes import dtype_from_name
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+logger = logging.getLogger("dinov2")
 
 
 def broadcast_module_state_(module: nn.Module, src: int = 0) -> None:
     """Copy `module`'s parameters and buffers from rank `src` to every process (before sharding)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if get_global_size() == 1:
         return
     with torch.no_grad():
         for tensor in list(module.parameters()) + list(module.buffers()):
@@ -74,7 +75,7 @@ class GradientSync:
     def __init__(self, params: Iterable[nn.Parameter], bucket_mb: float = 25.0):
         if bucket_mb <= 0:
             raise ValueError(f"bucket_mb must be > 0, got {bucket_mb}")
-        self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        self.world = get_global_size()
         self.buckets: list[_Bucket] = []
         self._hooks: list = []
         self.waited_seconds = 0.0  # time finish() spent waiting on collectives (exposed communication)
@@ -225,15 +226,18 @@ def apply_fsdp2(model: nn.Module, precision_cfg) -> list[nn.Parameter]:
 
     for who in ("student", "teacher"):
         for name, part in getattr(model, who).items():
-            part_cfg = precision_cfg[who][name if name in precision_cfg[who] else "dino_head"]
+            key = name if name in precision_cfg[who] else "dino_head"
+            part_cfg = precision_cfg[who][key]
             if part_cfg.sharding_strategy == "NO_SHARD":
                 if who == "student":
                     unsharded += list(part.parameters())
                 continue
             mp = part_cfg.mixed_precision
-            cast_float_buffers_(part, DTYPES[mp.buffer_dtype])
+            where = f"compute_precision.{who}.{key}.mixed_precision"
+            cast_float_buffers_(part, dtype_from_name(mp.buffer_dtype, f"{where}.buffer_dtype"))
             policy = MixedPrecisionPolicy(
-                param_dtype=DTYPES[mp.param_dtype], reduce_dtype=DTYPES[mp.reduce_dtype],
+                param_dtype=dtype_from_name(mp.param_dtype, f"{where}.param_dtype"),
+                reduce_dtype=dtype_from_name(mp.reduce_dtype, f"{where}.reduce_dtype"),
                 output_dtype=None, cast_forward_inputs=True,
             )  # fmt: skip
             # The teacher never runs backward, which is where FSDP2 reshards a part that kept its
@@ -247,7 +251,7 @@ def apply_fsdp2(model: nn.Module, precision_cfg) -> list[nn.Parameter]:
             for method in ("forward_features", "forward_features_list", "get_intermediate_layers"):
                 if hasattr(part, method):
                     register_fsdp_forward_method(part, method)
-    logger.info("FSDP2: student and teacher sharded over %d processes", dist.get_world_size())
+    logger.info("FSDP2: student and teacher sharded over %d processes", get_global_size())
     return unsharded
 
 

@@ -43,11 +43,11 @@ from dinov2.loss.center import CenterUpdate
 from dinov2.models import build_model_from_cfg
 from dinov2.train.ema import paired_parameters, update_ema
 from dinov2.train.param_groups import get_params_groups
+from dinov2.utils.dtypes import dtype_from_name
 
 logger = logging.getLogger("dinov2")
 
 N_GLOBAL_CROPS = 2
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -72,21 +72,18 @@ class SSLObjectiveConfig:
             for who in ("student", "teacher")
             for part in ("backbone", "dino_head", "ibot_head")
         }
-        for (who, part), dtype_name in names.items():
-            if dtype_name not in _DTYPES:
-                raise ValueError(
-                    f"compute_precision.{who}.{part}.mixed_precision.param_dtype must be one of "
-                    f"{sorted(_DTYPES)}, got {dtype_name!r}"
-                )
-        dtype_name = names["student", "backbone"]
+        dtypes = {
+            (who, part): dtype_from_name(name, f"compute_precision.{who}.{part}.mixed_precision.param_dtype")
+            for (who, part), name in names.items()
+        }
         out = cls(
             dino_loss_weight=float(cfg.dino.loss_weight),
             koleo_loss_weight=float(cfg.dino.koleo_loss_weight),
             ibot_loss_weight=float(cfg.ibot.loss_weight),
             ibot_separate_head=bool(cfg.ibot.separate_head),
             centering=centering,
-            autocast_dtype=_DTYPES[dtype_name],
-            head_dtypes={key: _DTYPES[n] for key, n in names.items() if key[1] != "backbone"},
+            autocast_dtype=dtypes["student", "backbone"],
+            head_dtypes={key: dtype for key, dtype in dtypes.items() if key[1] != "backbone"},
         )
         for name in ("dino_loss_weight", "koleo_loss_weight", "ibot_loss_weight"):
             if getattr(out, name) < 0:
