@@ -25,18 +25,14 @@ import multiprocessing as mp
 import os
 import resource
 import statistics
-import sys
 import time
-from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import print_status, time_interleaved
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dinov2.models.vision_transformer import ARCHS, DinoVisionTransformer  # noqa: E402
+from dinov2.models.vision_transformer import ARCHS, DinoVisionTransformer
 
 
 # ------------------------------------------------------------------------------------ baseline
@@ -162,31 +158,6 @@ def peak_memory(device: torch.device, rss0: int) -> int:
     return peak_rss_bytes() - rss0
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_interleaved(
-    runners: dict[str, Callable[[], None]], warmup: int, iters: int, device: torch.device
-) -> dict[str, list[float]]:
-    """Run every runner `warmup` times, then `iters` rounds of one timed run each, the order rotating
-    every round, so that load from other processes on a shared machine hits all of them alike."""
-    for fn in runners.values():
-        for _ in range(warmup):
-            fn()
-    sync(device)
-    names = list(runners)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for i in range(iters):
-        for name in names[i % len(names) :] + names[: i % len(names)]:
-            t0 = time.perf_counter()
-            runners[name]()
-            sync(device)
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
 def loss_of(out) -> torch.Tensor:
     outs = out if isinstance(out, list) else [out]
     return sum(
@@ -291,8 +262,8 @@ def timing_worker(args, cases: list[str], queue) -> None:
         t0 = time.perf_counter()
         fb["compiled"]()
         info["compiled"]["compile_s_fb"] = time.perf_counter() - t0
-    fwd_times = time_interleaved(fwd, args.warmup, args.iters, device)
-    fb_times = time_interleaved(fb, args.warmup, args.iters, device)
+    fwd_times = time_interleaved(fwd, args.iters, device, warmup=args.warmup)
+    fb_times = time_interleaved(fb, args.iters, device, warmup=args.warmup)
     for case in cases:
         info[case].update(fwd=fwd_times[case], fb=fb_times[case])
     queue.put(info)
@@ -326,10 +297,10 @@ def in_subprocess(target, *args):
 
 
 def measure(args, cases: list[str]) -> dict:
-    print(f"[{time.strftime('%H:%M:%S')}] timing {', '.join(cases)} ...", flush=True)
+    print_status(f"timing {', '.join(cases)} ...")
     res = in_subprocess(timing_worker, args, cases)
     for case in cases:
-        print(f"[{time.strftime('%H:%M:%S')}] peak memory of {case} ...", flush=True)
+        print_status(f"peak memory of {case} ...")
         res[case].update(in_subprocess(memory_worker, args, case))
     return res
 

@@ -26,24 +26,18 @@ by patching the ways a tensor's value reaches Python (`.item()`, `.tolist()`, `.
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from common import build_bench_config, make_batch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench_train_step import make_batch  # noqa: E402
-
-from dinov2.train.distributed_wrap import GradientSync  # noqa: E402
-from dinov2.train.schedules import build_schedulers  # noqa: E402
-from dinov2.train.step import StepContext, build_optimizer, train_step  # noqa: E402
-from dinov2.train.train import build_model  # noqa: E402
-from dinov2.utils.config import build_config  # noqa: E402
+from dinov2.train.distributed_wrap import GradientSync
+from dinov2.train.schedules import build_schedulers
+from dinov2.train.step import StepContext, build_optimizer, train_step
+from dinov2.train.train import build_model
 
 READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__")
 
@@ -94,11 +88,11 @@ class TimedSync:
         self.seconds.append(time.perf_counter() - t0)
 
 
-def _config(small: bool, batch: int, tmp: str):
+def _config(small: bool, batch: int):
     width, depth, heads = (192, 6, 3) if small else (384, 12, 6)
     opts = [f"student.embed_dim={width}", f"student.depth={depth}", f"student.num_heads={heads}",
             f"train.batch_size_per_gpu={batch}", "optim.lr=1e-4"]  # fmt: skip
-    return build_config("train/vit_tiny_cpu", opts, output_dir=tmp, check_paths=False)
+    return build_bench_config("train/vit_tiny_cpu", opts)
 
 
 def count_reads(step) -> int:
@@ -127,8 +121,7 @@ def _worker(rank: int, world: int, args, store: str, result_path: str) -> None:
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            cfg = _config(args.small, args.batch, tmp)
+        cfg = _config(args.small, args.batch)
         schedules = build_schedulers(cfg, world_size=world)
         batch = make_batch(cfg, image_size=128, seed=100 + rank)
         device = torch.device("cpu")

@@ -19,57 +19,14 @@ heads, losses) costs on top.
 import argparse
 import copy
 import statistics
-import tempfile
-import time
 from functools import partial
 
 import torch
+from common import build_bench_config, make_batch, time_interleaved
 
-from dinov2.data.augmentations import DataAugmentationDINO
-from dinov2.data.collate import collate_data_and_cast
-from dinov2.data.masking import MaskingGenerator
 from dinov2.train.metrics_logger import peak_memory_mb
 from dinov2.train.train import build_model, optimizer_step
-from dinov2.utils.config import apply_scaling_rules_to_cfg, build_config
-
-
-def make_batch(cfg, image_size: int, seed: int) -> dict:
-    """One collated multi-crop batch of `train.batch_size_per_gpu` random RGB images."""
-    g = torch.Generator().manual_seed(seed)
-    aug = DataAugmentationDINO(
-        cfg.crops.global_crops_scale,
-        cfg.crops.local_crops_scale,
-        cfg.crops.local_crops_number,
-        global_crops_size=cfg.crops.global_crops_size,
-        local_crops_size=cfg.crops.local_crops_size,
-    )
-    samples = [
-        (aug(torch.randint(0, 256, (3, image_size, image_size), dtype=torch.uint8, generator=g)), -1)
-        for _ in range(cfg.train.batch_size_per_gpu)
-    ]
-    grid = cfg.crops.global_crops_size // cfg.student.patch_size
-    return collate_data_and_cast(
-        samples,
-        mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
-        mask_probability=cfg.ibot.mask_sample_probability,
-        dtype=torch.float32,
-        n_tokens=grid * grid,
-        mask_generator=MaskingGenerator((grid, grid), max_num_patches=int(0.5 * grid * grid)),
-    )
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_step(step, device: torch.device) -> float:
-    """Seconds of one call of `step` (synchronising the GPU)."""
-    _sync(device)
-    t0 = time.perf_counter()
-    step()
-    _sync(device)
-    return time.perf_counter() - t0
+from dinov2.utils.config import apply_scaling_rules_to_cfg
 
 
 def main(argv=None) -> dict:
@@ -89,8 +46,7 @@ def main(argv=None) -> dict:
     if device.type == "cuda":
         torch.cuda.set_device(device)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = build_config(args.config, args.opts, output_dir=tmp, check_paths=False)
+    cfg = build_bench_config(args.config, args.opts)
     apply_scaling_rules_to_cfg(cfg, world_size=1)
     torch.manual_seed(0)
     model = build_model(cfg, device)
@@ -119,10 +75,7 @@ def main(argv=None) -> dict:
         for _ in range(args.warmup):
             steps["baseline"]()
     # Alternate the two steps so both see the same load on a shared machine.
-    times = {name: [] for name in steps}
-    for _ in range(args.iters):
-        for name, step in steps.items():
-            times[name].append(time_step(step, device))
+    times = time_interleaved(steps, args.iters, device, rotate=False)
     ssl_s = statistics.median(times["ssl"])
     result = {"ssl_images_per_second": bs / ssl_s, "ssl_step_seconds": ssl_s, "ssl_peak_memory_mb": ssl_mem}
     print(f"config {args.config} on {device} ({torch.get_num_threads()} CPU threads), batch {bs}, "
