@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_learning_curve, run from anywhere
+from common import REPO, append_jsonl, cv_scores, print_status, read_jsonl, teacher_exports, training_records
 
 # (row name, what changes, overrides). The first row is the recipe itself.
 ROWS: list[tuple[str, str, list[str]]] = [
@@ -86,7 +84,6 @@ def train_row(config: Path, data: str, run_dir: Path, overrides: list[str], thre
 
 def score_row(run_dir: Path, data: str, max_per_class: int | None, folds: int, seed: int) -> dict:
     """20-NN and linear probe of the row's last teacher export (the learning curve's scorer)."""
-    from bench_learning_curve import score, teacher_exports  # the sibling script (sys.path above)
     from omegaconf import OmegaConf
 
     from dinov2.eval.features import extract_features
@@ -95,7 +92,7 @@ def score_row(run_dir: Path, data: str, max_per_class: int | None, folds: int, s
     size = int(OmegaConf.load(run_dir / "config.yaml").crops.global_crops_size)
     fs = extract_features(str(export), data, image_size=size, max_images_per_class=max_per_class,
                           seed=seed, cache_dir=run_dir / "feature_cache", progress=False)  # fmt: skip
-    scores = score(fs, folds, seed, k=20, linear=True, progress=False)
+    scores = cv_scores(fs, folds, seed, k=20, linear=True, progress=False)
     return {"iteration": iteration, "knn20": scores["knn_balanced_accuracy"],
             "linear": scores["linear_balanced_accuracy"]}  # fmt: skip
 
@@ -103,8 +100,6 @@ def score_row(run_dir: Path, data: str, max_per_class: int | None, folds: int, s
 def teacher_entropy_trace(run_dir: Path, every: int = 100) -> list[float]:
     """The teacher's output entropy as a fraction of log K every `every` iterations: flat (near 1) is
     the failure the recipe's diagnosis found, a fall is the teacher sharpening on the data."""
-    from bench_learning_curve import training_records  # the sibling script (sys.path above)
-
     trace = {}
     for r in training_records(run_dir):
         if "teacher_entropy_frac" in r and r["iteration"] % every == 0:
@@ -138,11 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     schedule = schedule_overrides(args.iterations)
     results_path = out / "results.jsonl"
-    done = {}
-    if results_path.is_file():
-        for line in results_path.read_text().splitlines():
-            r = json.loads(line)
-            done[r["row"]] = r
+    done = {r["row"]: r for r in read_jsonl(results_path)}
     print(f"{args.config.name}, {args.iterations} iterations per row, {args.folds}-fold CV on <= "
           f"{args.max_per_class} images per class, balanced accuracy (%)", flush=True)  # fmt: skip
     by_name = {r[0]: r for r in ROWS}
@@ -150,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         if name in done:
             continue
         run_dir = out / name
-        print(f"[{time.strftime('%H:%M:%S')}] {name}: {what} ...", flush=True)
+        print_status(f"{name}: {what} ...")
         try:
             seconds = train_row(args.config, args.data, run_dir, [*schedule, *overrides], args.threads)
             scores = score_row(run_dir, args.data, args.max_per_class, args.folds, args.seed)
@@ -165,8 +156,7 @@ def main(argv: list[str] | None = None) -> None:
             "teacher_entropy_frac": teacher_entropy_trace(run_dir),
             **scores,
         }
-        with open(results_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_jsonl(results_path, record)
         done[name] = record
         print(
             f"  20-NN {scores['knn20']:.1f}  linear {scores['linear']:.1f}  ({seconds / 60:.1f} min)",

@@ -28,11 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from common import append_jsonl, cv_scores, random_init_teacher, read_jsonl, teacher_exports, training_records
 from omegaconf import OmegaConf
 
 from dinov2.eval.features import extract_features
-from dinov2.eval.linear import LogisticRegressionConfig
-from dinov2.eval.protocols import ClassifierConfig, cross_validate
 
 CSV_FIELDS = ("name", "iteration", "minutes", "knn_k", "knn_balanced_accuracy", "knn_f1_macro",
               "linear_balanced_accuracy", "linear_f1_macro", "knn_features", "linear_features")  # fmt: skip
@@ -51,27 +50,6 @@ class CurvePoint:
     linear_f1_macro: float
     knn_features: str
     linear_features: str
-
-
-def teacher_exports(run_dir: Path) -> list[tuple[int, Path]]:
-    """(iteration, path) of every teacher export of the run, in iteration order."""
-    from dinov2.train.checkpointing import list_teacher_exports
-
-    return list_teacher_exports(run_dir)
-
-
-def training_records(run_dir: Path) -> list[dict]:
-    """The records of a run's training_metrics.jsonl (none when it has no log yet)."""
-    log = run_dir / "training_metrics.jsonl"
-    if not log.is_file():
-        return []
-    records = []
-    for line in log.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut by a killed run
-    return records
 
 
 def training_minutes(run_dir: Path) -> dict[int, float]:
@@ -99,37 +77,6 @@ def minutes_at(
     if export is not None and start is not None:
         return (export.stat().st_mtime - start) / 60.0  # runs logged before wall_time existed
     return None
-
-
-def random_init_backbone(run_dir: Path, seed: int) -> torch.nn.Module:
-    """The run's student architecture with fresh weights (what pretraining started from)."""
-    from dinov2.train.train import build_backbones
-
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        built = build_backbones(cfg)
-        if built is None:
-            from dinov2.models import build_model_from_cfg
-
-            built = build_model_from_cfg(cfg)
-    teacher = built[1]
-    return teacher.eval()
-
-
-def score(features, folds: int, seed: int, k: int, linear: bool, progress: bool) -> dict[str, float]:
-    """k-NN (and linear probe) CV balanced accuracy / macro F1, in percent."""
-    cfg = ClassifierConfig(
-        ks=(k,), linear="sklearn" if linear else "none", logreg=LogisticRegressionConfig(seed=seed)
-    )
-    result = cross_validate(features, n_folds=folds, seed=seed, classifiers=cfg, progress=progress)
-    summary = result.summary()
-    out = {}
-    for row, stats in summary.items():
-        key = "linear" if row == "Linear Probing" else "knn"
-        out[f"{key}_balanced_accuracy"] = 100.0 * stats["balanced_accuracy"]["mean"]
-        out[f"{key}_f1_macro"] = 100.0 * stats["f1_macro"]["mean"]
-    return out
 
 
 def main(argv: list[str] | None = None) -> list[CurvePoint]:
@@ -181,11 +128,7 @@ def main(argv: list[str] | None = None) -> list[CurvePoint]:
     settings = {k: getattr(args, k) for k in names}
     settings["image_size"] = image_size
     scored_path = out_dir / "scored.jsonl"
-    scored = {}
-    if scored_path.is_file():
-        for line in scored_path.read_text().splitlines():
-            entry = json.loads(line)
-            scored[entry["key"]] = entry["point"]
+    scored = {entry["key"]: entry["point"] for entry in read_jsonl(scored_path)}
 
     def evaluate(name, backbone, iteration, minutes, baseline=False) -> CurvePoint:
         stamp = os.stat(backbone).st_mtime if isinstance(backbone, str) and os.path.isfile(backbone) else None
@@ -196,8 +139,7 @@ def main(argv: list[str] | None = None) -> list[CurvePoint]:
                   f"linear {point.linear_balanced_accuracy:5.1f}  (scored before)", flush=True)  # fmt: skip
             return point
         point = _evaluate(name, backbone, iteration, minutes, baseline)
-        with open(scored_path, "a") as f:
-            f.write(json.dumps({"key": key, "point": point.__dict__}) + "\n")
+        append_jsonl(scored_path, {"key": key, "point": point.__dict__})
         return point
 
     def _evaluate(name, backbone, iteration, minutes, baseline=False) -> CurvePoint:
@@ -208,16 +150,16 @@ def main(argv: list[str] | None = None) -> list[CurvePoint]:
             fs = extract_features(
                 backbone, args.data, pooling=args.pooling, n_last_blocks=args.n_last_blocks, **common
             )
-            scores = score(fs, args.folds, args.seed, args.k, True, progress)
+            scores = cv_scores(fs, args.folds, args.seed, args.k, True, progress)
         else:
             fs = extract_features(
                 backbone, args.data, pooling=args.pooling, n_last_blocks=args.n_last_blocks, **common
             )
-            knn = score(fs, args.folds, args.seed, args.k, False, progress)
+            knn = cv_scores(fs, args.folds, args.seed, args.k, False, progress)
             fs_lin = extract_features(
                 backbone, args.data, pooling=lin_pool, n_last_blocks=lin_blocks, **common
             )
-            lin = score(fs_lin, args.folds, args.seed, args.k, True, progress)
+            lin = cv_scores(fs_lin, args.folds, args.seed, args.k, True, progress)
             scores = {**{k: v for k, v in knn.items() if k.startswith("knn")},
                       **{k: v for k, v in lin.items() if k.startswith("linear")}}  # fmt: skip
         point = CurvePoint(
@@ -234,7 +176,7 @@ def main(argv: list[str] | None = None) -> list[CurvePoint]:
           f"balanced accuracy (%)", flush=True)  # fmt: skip
     points = [
         evaluate("colour statistics", "colorstats", None, None, baseline=True),
-        evaluate("random init", random_init_backbone(run_dir, args.seed), 0, 0.0),
+        evaluate("random init", random_init_teacher(run_cfg, args.seed), 0, 0.0),
     ]
     logged = training_minutes(run_dir)
     start = (run_dir / "config.yaml").stat().st_mtime

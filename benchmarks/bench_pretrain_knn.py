@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import latest_teacher_export, random_init_teacher
 from omegaconf import OmegaConf
 from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import StratifiedKFold
@@ -23,9 +24,7 @@ from sklearn.neighbors import KNeighborsClassifier
 
 from dinov2.data.datasets import CellImageDataset
 from dinov2.data.transforms import make_classification_eval_transform
-from dinov2.models import build_model_from_cfg
 from dinov2.models.weights import load_backbone
-from dinov2.train.train import build_backbones
 
 
 def stratified_subset(targets: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -53,15 +52,6 @@ def knn_cv(x: np.ndarray, y: np.ndarray, k: int, folds: int, seed: int) -> tuple
     return float(np.mean(scores)), float(np.std(scores))
 
 
-def latest_teacher(run_dir: Path) -> Path:
-    from dinov2.train.checkpointing import list_teacher_exports
-
-    exports = list_teacher_exports(run_dir)
-    if not exports:
-        raise FileNotFoundError(f"no eval/<iteration>/teacher_checkpoint.pth under {run_dir}")
-    return exports[-1][1]
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -79,7 +69,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
 
     cfg = OmegaConf.load(args.run_dir / "config.yaml")
-    checkpoint = args.checkpoint or latest_teacher(args.run_dir)
+    checkpoint = args.checkpoint or latest_teacher_export(args.run_dir)
     size = cfg.crops.global_crops_size
     transform = make_classification_eval_transform(resize_size=size, crop_size=size)
     dataset = CellImageDataset(args.data, transform=transform, labeled=True)
@@ -92,9 +82,7 @@ def main(argv=None) -> dict:
           f"loaded in {time.perf_counter() - t0:.0f} s; teacher {checkpoint}")  # fmt: skip
 
     trained = load_backbone(checkpoint)
-    torch.manual_seed(args.seed)
-    backbones = build_backbones(cfg)
-    random_init = backbones[1] if backbones is not None else build_model_from_cfg(cfg, only_teacher=True)[0]
+    random_init = random_init_teacher(cfg, args.seed)
     rows = {
         "pretrained teacher": features(trained, images),
         "same net, random init": features(random_init, images),
