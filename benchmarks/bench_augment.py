@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import common  # noqa: F401 (imported for its effect: this checkout's dinov2 first on sys.path)
 import numpy as np
 import PIL.Image
 import PIL.ImageDraw

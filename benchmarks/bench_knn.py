@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
+
+from common import host_summary
 
 
 def main(argv=None) -> None:
@@ -45,10 +46,7 @@ def main(argv=None) -> None:
         xte = centers[yte] + 6.0 * rng.normal(size=(n, args.dim)).astype(np.float32)
         return xtr, ytr, xte, yte
 
-    print(
-        f"host: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, "
-        f"torch {torch.__version__}, threads={args.threads}, device={args.device}"
-    )
+    print(f"host: {host_summary()}, torch {torch.__version__}, threads={args.threads}, device={args.device}")
     if args.baseline_n:
         n = args.baseline_n
         xtr, ytr, xte, yte = data(n)

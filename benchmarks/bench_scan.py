@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
+
+from common import host_summary
 
 
 def generate_tree(out: Path, n: int, size: int = 128, classes: int = 8) -> Path:
@@ -52,10 +53,7 @@ def main(argv=None) -> None:
     p.add_argument("--serial", action="store_true", help="also time a cold scan in one process")
     args = p.parse_args(argv)
 
-    print(
-        f"host: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, "
-        f"load average {os.getloadavg()[0]:.1f}, workers={args.workers}"
-    )
+    print(f"host: {host_summary()}, load average {os.getloadavg()[0]:.1f}, workers={args.workers}")
     with tempfile.TemporaryDirectory(prefix="bench_scan_") as tmp:
         root = args.root or str(generate_tree(Path(tmp) / "tree", args.generate))
         cache_dir = str(Path(tmp) / "cache")

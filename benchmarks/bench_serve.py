@@ -31,19 +31,18 @@ import tempfile
 import time
 from pathlib import Path
 
+import common  # noqa: F401 (imported for its effect: this checkout's dinov2 first on sys.path)
 import httpx
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dinov2.data.synthetic import PBC_CLASSES, generate_synthetic_cells  # noqa: E402
-from dinov2.models.vision_transformer import ARCHS  # noqa: E402
-from dinov2.transfer.classifier import (  # noqa: E402
+from dinov2.data.synthetic import PBC_CLASSES, generate_synthetic_cells
+from dinov2.models.vision_transformer import ARCHS
+from dinov2.transfer.classifier import (
     BackboneClassifier,
     classifier_checkpoint,
     preprocessing_for,
 )
-from dinov2.utils.files import atomic_torch_save  # noqa: E402
+from dinov2.utils.files import atomic_torch_save
 
 
 def make_checkpoint(args, path: Path) -> Path:

@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import common  # noqa: F401 (imported for its effect: this checkout's dinov2 first on sys.path)
 import numpy as np
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
