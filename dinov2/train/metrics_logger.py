@@ -4,9 +4,16 @@ Only the main process writes. `<output_dir>/training_metrics.jsonl` gets one JSO
 (appended, so a resumed run continues the file); TensorBoard event files go to `<output_dir>/tensorboard`
 when tensorboard is installed.
 
+Step timing lives here too: the loop reports each step's data wait and total wall time with
+`step_done`, and the next `log` writes their means over the steps since the previous log line
+(`iter_time`, `data_time`, `images_per_second`) with the peak memory, and derives the ETA from them.
+The loop synchronises the device at log steps, so a window's time is the device's too.
+
 Usage:
-    log = MetricsLogger(output_dir, total_iterations=1000, enabled=is_main_process())
-    log.log(iteration, {"total_loss": 8.1, "lr": 1e-4, "iter_time": 0.3, ...})
+    log = MetricsLogger(output_dir, total_iterations=1000, enabled=is_main_process(),
+                        images_per_step=global_batch, device=device)
+    log.step_done(data_seconds=0.01, step_seconds=0.3)      # every iteration
+    log.log(iteration, {"total_loss": 8.1, "lr": 1e-4, ...})  # at log steps
     log.close()
 """
 
@@ -60,13 +67,24 @@ class MetricsLogger:
         total_iterations: iteration count of the whole run, for progress and ETA.
         enabled: False on non-main processes (nothing is written).
         tensorboard: write TensorBoard events when the package is importable.
+        images_per_step: images of one iteration over all processes (for images_per_second).
+        device: the training device (its peak memory is logged).
     """
 
     def __init__(
-        self, output_dir: str | Path, total_iterations: int, enabled: bool = True, tensorboard: bool = True
+        self,
+        output_dir: str | Path,
+        total_iterations: int,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        images_per_step: int | None = None,
+        device: torch.device | None = None,
     ):
         self.total_iterations = total_iterations
         self.enabled = enabled
+        self.images_per_step = images_per_step
+        self.device = device
+        self._window = [0.0, 0.0, 0]  # step seconds, data seconds, steps since the last log line
         self.path = Path(output_dir) / "training_metrics.jsonl"
         self._writer = None
         if not enabled:
@@ -80,9 +98,35 @@ class MetricsLogger:
             else:
                 self._writer = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
 
+    def step_done(self, data_seconds: float, step_seconds: float) -> None:
+        """Count one iteration: `data_seconds` waiting for the loader, `step_seconds` in all."""
+        self._window[0] += step_seconds
+        self._window[1] += data_seconds
+        self._window[2] += 1
+
+    def window_timing(self) -> dict[str, float]:
+        """Mean timing of the steps since the last log line (and reset it); empty when none."""
+        step_s, data_s, n = self._window
+        self._window = [0.0, 0.0, 0]
+        if n == 0:
+            return {}
+        out = {"iter_time": step_s / n, "data_time": data_s / n}
+        if self.images_per_step:
+            out["images_per_second"] = self.images_per_step * n / step_s if step_s > 0 else float("inf")
+        return out
+
     def log(self, iteration: int, metrics: dict[str, Any], seconds_per_iteration: float | None = None) -> str:
-        """Record `metrics` for `iteration` (1-based count of completed iterations); return the human line."""
-        record = {"iteration": iteration, **{k: _jsonable(v) for k, v in metrics.items()}}
+        """Record `metrics` for `iteration` (1-based count of completed iterations); return the human line.
+
+        The timing of the steps counted by `step_done` since the last line is added (and gives the
+        ETA unless `seconds_per_iteration` is given), with the device's peak memory.
+        """
+        timing = self.window_timing()
+        if seconds_per_iteration is None:
+            seconds_per_iteration = timing.get("iter_time")
+        if self.device is not None:
+            timing["peak_memory_mb"] = peak_memory_mb(self.device)
+        record = {"iteration": iteration, **{k: _jsonable(v) for k, v in {**metrics, **timing}.items()}}
         record.setdefault("wall_time", round(time.time(), 3))  # seconds since the epoch: curves vs minutes
         remaining = self.total_iterations - iteration
         eta = format_eta(remaining * seconds_per_iteration) if seconds_per_iteration else "?"

@@ -17,69 +17,48 @@ and exits with status 130; a second Ctrl-C exits at once. SIGTERM/SIGUSR2 (SLURM
 checkpoint and exit with status 0 (dinov2.train.preemption).
 """
 
-import sys
-from pathlib import Path
+import argparse
+import logging
+import signal
+import time
+from dataclasses import dataclass
 
-if __name__ == "__main__" and not __package__:
-    # Run as a script (python/torchrun dinov2/train/train.py): import the package from the repository
-    # root, not from this folder, whose module names must not shadow anything.
-    _here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
-    sys.path.insert(0, str(_here.parents[1]))
+from omegaconf import DictConfig
 
-import argparse  # noqa: E402
-import logging  # noqa: E402
-import signal  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from functools import partial  # noqa: E402
-
-import torch  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-from torch.distributed.checkpoint.state_dict import (  # noqa: E402
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
+from dinov2.data.loaders import stop_workers
+from dinov2.train import checkpointing
+from dinov2.train.builders import (  # noqa: F401 (build_backbones, model_uses_fp16: public here too)
+    build_backbones,
+    build_data,
+    build_grad_scaler,
+    build_model,
+    model_uses_fp16,
 )
-
-from dinov2.data.augmentations import ColorAugmentation, DataAugmentationDINO  # noqa: E402
-from dinov2.data.collate import collate_data_and_cast  # noqa: E402
-from dinov2.data.loaders import make_data_loader, make_train_dataset, stop_workers  # noqa: E402
-from dinov2.data.masking import MaskingGenerator  # noqa: E402
-from dinov2.data.samplers import ShardedInfiniteSampler  # noqa: E402
-from dinov2.models.vision_transformer import ARCHS, DinoVisionTransformer  # noqa: E402
-from dinov2.train import checkpointing  # noqa: E402
-from dinov2.train.collapse import (  # noqa: E402
-    CollapseStreak,
-    CollapseThresholds,
-    collapse_metrics,
-    collapse_warnings_by_metric,
-)
-from dinov2.train.distributed_wrap import (  # noqa: E402
+from dinov2.train.checkpointer import Checkpointer
+from dinov2.train.distributed_wrap import (
     GradientSync,
     apply_fsdp2,
-    broadcast_module_state_,
     check_compile_supported,
     compile_backbones,
 )
-from dinov2.train.metrics_logger import MetricsLogger, peak_memory_mb  # noqa: E402
-from dinov2.train.online_knn import OnlineKNN  # noqa: E402
-from dinov2.train.precision import apply_device_precision, crop_transfer_dtype  # noqa: E402
-from dinov2.train.preemption import DEFAULT_SIGNALS, PreemptionFlag  # noqa: E402
-from dinov2.train.schedules import build_schedulers  # noqa: E402
-from dinov2.train.ssl_meta_arch import SSLMetaArch  # noqa: E402
-from dinov2.train.step import (  # noqa: E402, F401
+from dinov2.train.metrics_logger import MetricsLogger
+from dinov2.train.monitors import CollapseError, TrainingMonitors  # noqa: F401 (CollapseError: public)
+from dinov2.train.precision import apply_device_precision
+from dinov2.train.preemption import DEFAULT_SIGNALS, PreemptionFlag
+from dinov2.train.schedules import build_schedulers
+from dinov2.train.step import (  # noqa: F401 (optimizer_step: public here too)
     NonFiniteLossError,
     StepContext,
+    StepOutput,
     build_optimizer,
     optimizer_step,
     train_step,
 )
-from dinov2.utils import distributed  # noqa: E402
-from dinov2.utils.config import ConfigError, setup_config  # noqa: E402
-from dinov2.utils.logging import remove_handlers, setup_logging  # noqa: E402
-from dinov2.utils.signals import die_with_parent  # noqa: E402
+from dinov2.utils import distributed
+from dinov2.utils.config import ConfigError, setup_config
+from dinov2.utils.logging import remove_handlers, setup_logging
+from dinov2.utils.signals import die_with_parent
+from dinov2.utils.utils import fix_random_seeds
 
 logger = logging.getLogger("dinov2")
 
@@ -95,10 +74,6 @@ class TrainResult:
     """Iterations completed when it returned."""
     output_dir: str = ""
     """The run folder."""
-
-
-class CollapseError(RuntimeError):
-    """The collapse monitor warned at train.collapse_stop_after_warnings consecutive checks."""
 
 
 # Exit status of the CLI after Ctrl-C (128 + SIGINT, what a shell reports for a process it ended).
@@ -119,433 +94,159 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-# ---------------------------------------------------------------------------------------------- setup
-def fix_random_seeds(seed: int) -> None:
-    """Seed python, numpy and torch (all devices)."""
-    import random
+# ------------------------------------------------------------------------------------------- the run
+class TrainingRun:
+    """Everything one training run works with (built by the constructor: resume, wrap, optimizer,
+    data, monitors, logger) and the steps of its loop.
 
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def build_data(cfg: DictConfig, info: distributed.DistributedInfo, start_position: int):
-    """(dataset, sampler, loader) for this rank, continuing the sample stream at `start_position`."""
-    augmentation = DataAugmentationDINO(
-        cfg.crops.global_crops_scale,
-        cfg.crops.local_crops_scale,
-        cfg.crops.local_crops_number,
-        global_crops_size=cfg.crops.global_crops_size,
-        local_crops_size=cfg.crops.local_crops_size,
-        stain_jitter=cfg.crops.stain_jitter,
-        color_augmentation=ColorAugmentation(**cfg.crops.color_augmentation),
-        blur_prob=tuple(cfg.crops.blur_prob),
-    )
-    dataset = make_train_dataset(cfg.train, augmentation)
-    grid = cfg.crops.global_crops_size // cfg.student.patch_size
-    collate = partial(
-        collate_data_and_cast,
-        mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
-        mask_probability=cfg.ibot.mask_sample_probability,
-        dtype=crop_transfer_dtype(cfg, info.device.type),  # what autocast / FSDP2 would cast to
-        n_tokens=grid * grid,
-        mask_generator=MaskingGenerator(input_size=(grid, grid), max_num_patches=int(0.5 * grid * grid)),
-    )
-    sampler = ShardedInfiniteSampler(
-        len(dataset),
-        cfg.train.batch_size_per_gpu,
-        world_size=info.world_size,
-        rank=info.rank,
-        seed=cfg.train.seed,
-        start_position=start_position,
-    )
-    loader = make_data_loader(
-        dataset,
-        sampler,
-        collate,
-        cfg.train.num_workers,
-        cfg.train.seed,
-        pin_memory=info.device.type == "cuda",
-    )
-    return dataset, sampler, loader
-
-
-def build_backbones(cfg: DictConfig) -> tuple[DinoVisionTransformer, DinoVisionTransformer] | None:
-    """(student, teacher) backbones when cfg.student overrides embed_dim / depth / num_heads of its
-    arch (small CPU models), else None so that SSLMetaArch builds cfg.student.arch as DINOv2 does."""
-    s = cfg.student
-    sizes = {k: s[k] for k in ("embed_dim", "depth", "num_heads") if s[k] is not None}
-    if not sizes:
-        return None
-    kwargs = dict(
-        img_size=cfg.crops.global_crops_size,
-        patch_size=s.patch_size,
-        init_values=s.layerscale,
-        ffn_layer=s.ffn_layer,
-        block_chunks=s.block_chunks,
-        qkv_bias=s.qkv_bias,
-        proj_bias=s.proj_bias,
-        ffn_bias=s.ffn_bias,
-        num_register_tokens=s.num_register_tokens,
-        interpolate_antialias=s.interpolate_antialias,
-        interpolate_offset=s.interpolate_offset,
-        **sizes,
-    )
-    arch = ARCHS[s.arch]
-    teacher = arch(**kwargs)  # no stochastic depth in the teacher
-    student = arch(**kwargs, drop_path_rate=s.drop_path_rate, drop_path_uniform=s.drop_path_uniform)
-    return student, teacher
-
-
-def build_model(cfg: DictConfig, device: torch.device) -> SSLMetaArch:
-    """The SSLMetaArch of `cfg` on `device`, in train mode."""
-    model = SSLMetaArch(cfg, backbones=build_backbones(cfg)).to(device)
-    model.train()
-    return model
-
-
-# ------------------------------------------------------------------------------------------- state
-_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
-def training_state(model, optimizer, scaler, sampler, iteration, steps_done, cfg, rng_state=None) -> dict:
-    """The checkpoint dict (collective: every rank must call; only rank 0's result is complete)."""
-    model_state = get_model_state_dict(model, options=_FULL)
-    optim_state = get_optimizer_state_dict(model, optimizer, options=_FULL)
-    rng_states = distributed.all_gather_object(rng_state or checkpointing.capture_rng_state())
-    from omegaconf import OmegaConf
-
-    return {
-        "model": model_state,
-        "optimizer": optim_state,
-        "iteration": iteration,
-        "sampler": sampler.state_dict(steps_done),
-        "rng": rng_states,
-        "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None,
-        "world_size": distributed.get_global_size(),
-        "config": OmegaConf.to_container(cfg, resolve=True),
-    }
-
-
-def _write_on_main_process(write, what: str, kept) -> None:
-    """Rank 0 runs `write()` (returns the path written); every rank learns whether it worked.
-
-    A collective in place of a barrier: when the write fails (disk full, no permission), every rank
-    raises the same CheckpointWriteError naming the file, instead of rank 0 dying alone while the
-    others wait for it. `kept()` describes what is still on disk, for the message.
+    Attributes besides the built objects: `start_iter` / `end_iter` (iterations completed at the
+    start and at the end), `frozen` (whether the student backbone is frozen for the head warm-up).
     """
-    failure = None
-    if distributed.is_main_process():
+
+    def __init__(self, cfg: DictConfig, model, info: distributed.DistributedInfo, resume: bool):
+        self.cfg, self.model, self.device = cfg, model, info.device
+        self.epoch_len = cfg.train.OFFICIAL_EPOCH_LENGTH
+        total_iters = cfg.optim.epochs * self.epoch_len
+        self.end_iter = min(total_iters, cfg.train.max_iterations or total_iters)
+        self.checkpointer = Checkpointer(cfg)
+        checkpoint = self.checkpointer.load_latest() if resume else None
+        self.start_iter = self.checkpointer.restore_model(model, checkpoint)  # before compile and shard
+        self.grad_sync = wrap_model(model, cfg, info)
+        self.warmup_iters = cfg.student.head_warmup_iterations
+        if self.warmup_iters and not cfg.student.pretrained_weights:
+            logger.warning(
+                "student.head_warmup_iterations=%d freezes a randomly initialised backbone "
+                "(it is meant for continued pretraining with student.pretrained_weights)",
+                self.warmup_iters,
+            )
+        self.frozen: bool | None = None
+        self.optimizer = build_optimizer(model, cfg)
+        self.scaler = build_grad_scaler(cfg, info.device)
+        self.schedules = build_schedulers(cfg, info.world_size)
+        start_position = checkpoint["sampler"]["position"] if checkpoint is not None else 0
+        dataset, self.sampler, self.loader = build_data(cfg, info, start_position)
+        self.checkpointer.attach(model, self.optimizer, self.scaler, self.sampler, self.start_iter)
+        self.checkpointer.restore_training(checkpoint, info)
+        del checkpoint
+        self.monitors = TrainingMonitors(cfg, self.checkpointer)
+        global_batch = self.sampler.global_batch_size
+        self.metrics_log = MetricsLogger(cfg.train.output_dir, self.end_iter,
+                                         enabled=distributed.is_main_process(),
+                                         images_per_step=global_batch, device=info.device)  # fmt: skip
+        logger.info("training %d -> %d of %d iterations, %d images per iteration, %d training images",
+                    self.start_iter, self.end_iter, total_iters, global_batch, len(dataset))  # fmt: skip
+        # SIGINT too: the first Ctrl-C stops at the next step boundary like a preemption, a second one
+        # ends the process at once.
+        self.flag = PreemptionFlag(signals=(*DEFAULT_SIGNALS, signal.SIGINT))
+        self.ctx = StepContext(grad_sync=self.grad_sync, preemption=self.flag)
+
+    def freeze_backbone_during_head_warmup(self, it: int) -> None:
+        if self.frozen != (it < self.warmup_iters):
+            self.frozen = it < self.warmup_iters
+            self.model.freeze_backbone(self.frozen)
+            logger.info("student backbone %s at iteration %d", "frozen" if self.frozen else "trainable", it)
+
+    def step(self, data_iter, it: int) -> tuple[StepOutput, dict]:
+        """Iteration `it`: the next batch and the training step. A non-finite loss saves the state
+        from before the iteration (nothing was updated) and raises."""
+        rng_before = checkpointing.capture_rng_state()
+        t0 = time.perf_counter()
+        data = next(data_iter)
+        t_data = time.perf_counter() - t0
+        # Timed steps synchronise the device: only where a log line is due anyway.
+        self.ctx.timed = self.log_due(it + 1)
         try:
-            logger.info("%s: %s", what, write())
-        except checkpointing.CheckpointWriteError as e:
-            failure = (e.errno, e.strerror, e.filename, kept())
-            logger.error("could not write %s (%s); %s", e.filename, e.strerror, failure[3])
-    failure = distributed.broadcast_object(failure)
-    if failure is not None:
-        raise checkpointing.CheckpointWriteError(*failure[:3])
+            out = train_step(
+                self.model, self.optimizer, self.scaler, self.ctx, data, self.schedules, it, self.cfg
+            )
+        except NonFiniteLossError as error:
+            saved = self.checkpointer.save(it, rng_before)
+            raise NonFiniteLossError(f"{error}; the last finite state (before this iteration) was saved "
+                                     f"to {saved}") from None  # fmt: skip
+        self.metrics_log.step_done(t_data, time.perf_counter() - t0)
+        return out, data
+
+    def after_step(self, out: StepOutput, data: dict, it: int) -> None:
+        """After `it` completed iterations: monitors, the log line, teacher export and checkpoint."""
+        cfg, s = self.cfg, self.schedules
+        extra = self.monitors.run(self.model, data, it, s.teacher_temp[it - 1], self.device)
+        if self.log_due(it) or extra:
+            self.metrics_log.log(it, {
+                "epoch": it / self.epoch_len, **out.loss_values(), "lr": s.lr[it - 1], "wd": s.wd[it - 1],
+                "momentum": s.momentum[it - 1], "teacher_temp": s.teacher_temp[it - 1],
+                "last_layer_lr": s.last_layer_lr[it - 1], **{k: float(v) for k, v in out.grad_norms.items()},
+                **extra, **out.times,  # this step's forward_backward_time, grad_sync_time, optimizer_time
+            })  # fmt: skip
+        self.monitors.judge(it)  # may stop the run on a collapse streak (after its metrics are logged)
+        if cfg.evaluation.eval_period_iterations > 0 and it % cfg.evaluation.eval_period_iterations == 0:
+            self.checkpointer.export_teacher(it)
+        if it % cfg.train.checkpoint_period_iterations == 0 or it == self.end_iter:
+            self.checkpointer.save(it)
+
+    def stop(self, it: int) -> TrainResult:
+        """Some process caught a signal: checkpoint (unless this iteration's is written) and return."""
+        if self.checkpointer.saved_at != it:
+            self.checkpointer.save(it)
+        status = "interrupted" if self.flag.interrupted() else "preempted"
+        logger.warning("%s at iteration %d: checkpoint saved, exiting", status, it)
+        return TrainResult(status, it, str(self.checkpointer.output_dir))
+
+    def finish(self, it: int) -> TrainResult:
+        if not self.checkpointer.teacher_exported(it):
+            self.checkpointer.export_teacher(it)  # the final teacher is always exported
+        if it == self.start_iter:
+            logger.info("nothing to do: the checkpoint is already at the last iteration (%d)", it)
+        logger.info("training completed at iteration %d", it)
+        return TrainResult("completed", it, str(self.checkpointer.output_dir))
+
+    def log_due(self, it: int) -> bool:
+        """True when a metrics line is written after `it` completed iterations (log period, last
+        iteration, or a collapse / kNN monitor)."""
+        return it == self.end_iter or self.cfg.train.log_period_iterations > 0 and (
+            it % self.cfg.train.log_period_iterations == 0) or self.monitors.due(it)  # fmt: skip
+
+    def close(self) -> None:
+        self.flag.uninstall()
+        self.metrics_log.close()
+        if self.grad_sync is not None:
+            self.grad_sync.close()
 
 
-def save_training_checkpoint(state: dict, cfg: DictConfig, protect: tuple[int, ...] = ()) -> None:
-    """Rank 0 writes `state` atomically (checkpoints of iterations in `protect` survive rotation)."""
-    checkpoint_dir = Path(cfg.train.output_dir) / "checkpoints"
-
-    def kept() -> str:
-        found = checkpointing.list_checkpoints(checkpoint_dir)
-        return f"the previous checkpoint {found[-1][1]} is intact" if found else "no earlier checkpoint"
-
-    _write_on_main_process(
-        lambda: checkpointing.save_checkpoint(state, checkpoint_dir, cfg.train.checkpoint_keep, protect),
-        "checkpoint saved",
-        kept,
-    )
-
-
-def export_teacher(model, cfg: DictConfig, iteration: int) -> None:
-    """eval/<iteration>/teacher_checkpoint.pth in Meta's format (collective for FSDP)."""
-    teacher_state = get_model_state_dict(model.teacher, options=_FULL)
-    _write_on_main_process(
-        lambda: checkpointing.export_teacher(teacher_state, cfg.train.output_dir, iteration, cfg.student),
-        "teacher exported",
-        lambda: "earlier teacher exports are intact",
-    )
-
-
-def newest_outputs_before(output_dir: Path, iteration: int) -> tuple[Path | None, Path | None]:
-    """(newest training checkpoint, newest teacher export) written before `iteration`, or None."""
-    found = checkpointing.list_checkpoints(output_dir / "checkpoints")
-    checkpoints = [path for it, path in found if it < iteration]
-    exports = [(it, path) for it, path in checkpointing.list_teacher_exports(output_dir) if it < iteration]
-    return (checkpoints[-1] if checkpoints else None), (exports[-1][1] if exports else None)
-
-
-# ------------------------------------------------------------------------------------------ monitors
-@torch.no_grad()
-def teacher_collapse_metrics(model, images: torch.Tensor, teacher_temp: float, cfg: DictConfig) -> dict:
-    """Collapse metrics of the teacher on one batch of global crops (collective with Sinkhorn-Knopp)."""
-    cls = model.teacher["backbone"](images)
-    logits = model.teacher["dino_head"](cls)
-    if cfg.train.centering == "sinkhorn_knopp":
-        probs = model.dino_loss.sinkhorn_knopp_teacher(logits, teacher_temp)
-    else:
-        probs = model.dino_loss.softmax_center_teacher(logits, teacher_temp)
-    return collapse_metrics(probs.float(), cls.float())
-
-
-def run_monitors(
-    model, data: dict, it: int, teacher_temp: float, knn, cfg: DictConfig, device
-) -> tuple[dict, list[str] | None]:
-    """Collapse metrics and online kNN accuracy when `it` is a multiple of their periods (collective).
-
-    Returns (metrics to log, names of the collapse metrics that warned), the latter None when no
-    collapse check counted at `it` (none due, or still in the lr warm-up). Rank 0 judges its batch
-    and every rank gets its verdict, so all ranks stop together on a collapse.
-    """
-    out = {}
-    warned = None
-    period = cfg.train.collapse_check_period_iterations
-    if period > 0 and it % period == 0:
-        out.update(
-            teacher_collapse_metrics(model, data["collated_global_crops"].to(device), teacher_temp, cfg)
-        )
-        # Not during the lr warm-up: at initialisation LayerScale (1e-5) makes every image's
-        # embedding nearly the same, which is not collapse.
-        if it > cfg.optim.warmup_epochs * cfg.train.OFFICIAL_EPOCH_LENGTH:
-            reasons = {}
-            if distributed.is_main_process():
-                thresholds = CollapseThresholds(**cfg.train.collapse_thresholds)
-                reasons = collapse_warnings_by_metric(out, thresholds)
-                for reason in reasons.values():
-                    logger.warning("possible collapse at iteration %d: %s", it, reason)
-            warned = distributed.broadcast_object(list(reasons))
-    if knn is not None and it % cfg.evaluation.knn_period_iterations == 0:
-        out.update(knn.evaluate(model.teacher["backbone"], device))
-    return out, warned
-
-
-def track_collapse(
-    streak: CollapseStreak, warned: list[str], it: int, output_dir: Path, cfg: DictConfig, protect: tuple
-) -> tuple[int, ...]:
-    """Count the collapse check at `it`; raise CollapseError when the run must stop (collective).
-
-    Returns the checkpoint iterations that rotation must keep: while a streak lasts (and stopping is
-    on), the newest checkpoint written before its first warning.
-    """
-    first_warning = bool(warned) and not streak.started
-    if streak.update(it, warned):
-        kept = newest_outputs_before(output_dir, streak.iterations[0])
-        checkpoint, export = distributed.broadcast_object(kept)  # rank 0 wrote them
-        raise CollapseError(
-            f"stopping: the collapse monitor {streak.describe()} "
-            f"(train.collapse_stop_after_warnings={cfg.train.collapse_stop_after_warnings}); "
-            f"last good checkpoint: {checkpoint or 'none written before the warnings'}; "
-            f"last good teacher export: {export or 'none written before the warnings'}"
-        )
-    if not streak.started:
-        return ()
-    if first_warning and streak.stop_after > 0:
-        checkpoint, _ = newest_outputs_before(output_dir, it)
-        return (checkpointing.checkpoint_iteration(checkpoint),) if checkpoint else ()
-    return protect
-
-
-# ---------------------------------------------------------------------------------------------- main
-def do_train(
-    cfg: DictConfig, model: SSLMetaArch, info: distributed.DistributedInfo, resume: bool
-) -> TrainResult:
-    """The training loop: schedules, steps, logs, checkpoints and monitors."""
-    output_dir = Path(cfg.train.output_dir)
-    device = info.device
-    epoch_len = cfg.train.OFFICIAL_EPOCH_LENGTH
-    total_iters = cfg.optim.epochs * epoch_len
-    end_iter = min(total_iters, cfg.train.max_iterations or total_iters)
-
-    # Resume (full state, loaded before sharding so every process starts from the same weights).
-    checkpoint = None
-    if resume:
-        found = checkpointing.load_latest_valid(output_dir / "checkpoints")
-        if found is not None:
-            checkpoint, path = found
-            logger.info("resuming from %s (iteration %d)", path, checkpoint["iteration"])
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-    else:
-        broadcast_module_state_(model)
-    start_iter = checkpoint["iteration"] if checkpoint is not None else 0
-
+def wrap_model(model, cfg: DictConfig, info: distributed.DistributedInfo) -> GradientSync | None:
+    """Compile (train.compile) and shard (train.distributed=fsdp) the model in place; returns the
+    GradientSync that all-reduces the gradients FSDP2 does not (all of them in ddp mode), or None."""
     if cfg.train.compile:
         compile_backbones(model)  # before sharding: FSDP2's hooks then wrap the compiled blocks
     synced = list(model.student.parameters()) if cfg.train.distributed == "ddp" else []
     if cfg.train.distributed == "fsdp" and info.world_size > 1:
         synced = apply_fsdp2(model, cfg.compute_precision)  # the NO_SHARD parts, if any
         model.autocast_dtype = None  # FSDP2's MixedPrecisionPolicy casts instead
-    warmup_iters = cfg.student.head_warmup_iterations
-    if warmup_iters and not cfg.student.pretrained_weights:
-        logger.warning(
-            "student.head_warmup_iterations=%d freezes a randomly initialised backbone "
-            "(it is meant for continued pretraining with student.pretrained_weights)",
-            warmup_iters,
-        )
-    optimizer = build_optimizer(model, cfg)
-    scaler = torch.amp.GradScaler(device.type, enabled=model_uses_fp16(cfg) and device.type == "cuda")
-    if checkpoint is not None:
-        set_optimizer_state_dict(model, optimizer, checkpoint["optimizer"], options=_FULL_LOAD)
-        if checkpoint.get("grad_scaler") and scaler.is_enabled():
-            scaler.load_state_dict(checkpoint["grad_scaler"])
     # Gradients are all-reduced from hooks while backward runs (FSDP2 reduces the sharded parts).
-    grad_sync = GradientSync(synced) if synced and info.world_size > 1 else None
-    schedules = build_schedulers(cfg, info.world_size)
+    return GradientSync(synced) if synced and info.world_size > 1 else None
 
-    start_position = checkpoint["sampler"]["position"] if checkpoint is not None else 0
-    dataset, sampler, loader = build_data(cfg, info, start_position)
-    if checkpoint is not None:
-        sampler.load_state_dict(checkpoint["sampler"])
-        restore_rank_rng(checkpoint, info, cfg)
-    del checkpoint
 
-    knn = None
-    if cfg.evaluation.knn_period_iterations > 0:
-        knn = OnlineKNN(cfg.evaluation.knn_dataset_path, cfg.crops.global_crops_size,
-                        cfg.evaluation.knn_max_images, seed=cfg.train.seed)  # fmt: skip
-    metrics_log = MetricsLogger(output_dir, end_iter, enabled=distributed.is_main_process())
-    global_batch = sampler.global_batch_size
-    logger.info("training %d -> %d of %d iterations, %d images per iteration, %d training images",
-                start_iter, end_iter, total_iters, global_batch, len(dataset))  # fmt: skip
-
-    # SIGINT too: the first Ctrl-C stops at the next step boundary like a preemption, a second one
-    # ends the process at once.
-    flag = PreemptionFlag(signals=(*DEFAULT_SIGNALS, signal.SIGINT))
-    streak = CollapseStreak(cfg.train.collapse_stop_after_warnings)
-    protect: tuple[int, ...] = ()  # the last checkpoint before a collapse streak survives rotation
-    it = start_iter
-    saved_at = None  # iteration of the last checkpoint this run wrote
-    frozen = None
-    window = {"iter_time": 0.0, "data_time": 0.0, "n": 0}
-    ctx = StepContext(grad_sync=grad_sync, preemption=flag)
-    stop = False  # set by a step when any process caught a signal (agreed through its all_reduce)
-    data_iter = None
+def do_train(cfg: DictConfig, model, info: distributed.DistributedInfo, resume: bool) -> TrainResult:
+    """The training loop: resume, then step, log, monitor and checkpoint until the last iteration
+    or a signal."""
+    run = TrainingRun(cfg, model, info, resume)
+    it, stop, data_iter = run.start_iter, False, None
     try:
-        data_iter = iter(loader)
-        while it < end_iter:
-            if stop:
-                if saved_at != it:  # not already saved by the periodic checkpoint of this iteration
-                    state = training_state(model, optimizer, scaler, sampler, it, it - start_iter, cfg)
-                    save_training_checkpoint(state, cfg, protect)
-                status = "interrupted" if flag.interrupted() else "preempted"
-                logger.warning("%s at iteration %d: checkpoint saved, exiting", status, it)
-                return TrainResult(status, it, str(output_dir))
-            if frozen != (it < warmup_iters):
-                frozen = it < warmup_iters
-                model.freeze_backbone(frozen)
-                logger.info("student backbone %s at iteration %d", "frozen" if frozen else "trainable", it)
-
-            rng_before = checkpointing.capture_rng_state()
-            t0 = time.perf_counter()
-            data = next(data_iter)
-            t_data = time.perf_counter() - t0
-
-            teacher_temp = schedules.teacher_temp[it]
-            try:
-                # Timed steps synchronise the device: only where a log line is due anyway.
-                ctx.timed = log_due(it + 1, end_iter, cfg)
-                out = train_step(model, optimizer, scaler, ctx, data, schedules, it, cfg)
-            except NonFiniteLossError as error:
-                # Nothing was updated: save the state from before this iteration, then stop.
-                state = training_state(
-                    model, optimizer, scaler, sampler, it, it - start_iter, cfg, rng_before
-                )
-                save_training_checkpoint(state, cfg, protect)
-                saved = output_dir / "checkpoints" / checkpointing.checkpoint_name(it)
-                raise NonFiniteLossError(f"{error}; the last finite state (before this iteration) was saved "
-                                         f"to {saved}") from None  # fmt: skip
+        data_iter = iter(run.loader)
+        while it < run.end_iter:
+            if stop:  # set by a step when any process caught a signal (agreed through its all_reduce)
+                return run.stop(it)
+            run.freeze_backbone_during_head_warmup(it)
+            out, data = run.step(data_iter, it)
             it += 1
             stop = out.stop
-
-            window["iter_time"] += time.perf_counter() - t0
-            window["data_time"] += t_data
-            window["n"] += 1
-            extra, warned = run_monitors(model, data, it, teacher_temp, knn, cfg, device)
-            if log_due(it, end_iter, cfg) or extra:
-                # Since the last timed step every step's device work has finished, so the window's
-                # time is the device's too, not only the host's.
-                n = window["n"]
-                iter_time = window["iter_time"] / n
-                record = {
-                    "epoch": it / epoch_len,
-                    **out.loss_values(),
-                    "lr": schedules.lr[it - 1],
-                    "wd": schedules.wd[it - 1],
-                    "momentum": schedules.momentum[it - 1],
-                    "teacher_temp": teacher_temp,
-                    "last_layer_lr": schedules.last_layer_lr[it - 1],
-                    **{k: float(v) for k, v in out.grad_norms.items()},
-                    **extra,
-                    "iter_time": iter_time,
-                    "data_time": window["data_time"] / n,
-                    **out.times,  # this step's forward_backward_time, grad_sync_time, optimizer_time
-                    "images_per_second": global_batch / iter_time,
-                    "peak_memory_mb": peak_memory_mb(device),
-                }
-                metrics_log.log(it, record, seconds_per_iteration=iter_time)
-                window = {"iter_time": 0.0, "data_time": 0.0, "n": 0}
-            if warned is not None:
-                protect = track_collapse(streak, warned, it, output_dir, cfg, protect)
-            if cfg.evaluation.eval_period_iterations > 0 and it % cfg.evaluation.eval_period_iterations == 0:
-                export_teacher(model, cfg, it)
-            if it % cfg.train.checkpoint_period_iterations == 0 or it == end_iter:
-                state = training_state(model, optimizer, scaler, sampler, it, it - start_iter, cfg)
-                save_training_checkpoint(state, cfg, protect)
-                saved_at = it
-        if not (output_dir / "eval" / str(it) / "teacher_checkpoint.pth").is_file():
-            export_teacher(model, cfg, it)  # the final teacher is always exported
-        if it == start_iter:
-            logger.info("nothing to do: the checkpoint is already at the last iteration (%d)", it)
-        logger.info("training completed at iteration %d", it)
-        return TrainResult("completed", it, str(output_dir))
+            run.after_step(out, data, it)
+        return run.finish(it)
     finally:
         try:
             if data_iter is not None:
                 stop_workers(data_iter)  # they ignore SIGTERM: leaving them to exit handlers would hang
         finally:
-            flag.uninstall()
-            metrics_log.close()
-            if grad_sync is not None:
-                grad_sync.close()
-
-
-_FULL_LOAD = StateDictOptions(full_state_dict=True)
-
-
-def log_due(it: int, end_iter: int, cfg: DictConfig) -> bool:
-    """True when a metrics line is written after `it` completed iterations (log period, last
-    iteration, or a collapse / kNN monitor)."""
-    periods = (cfg.train.log_period_iterations, cfg.train.collapse_check_period_iterations,
-               cfg.evaluation.knn_period_iterations)  # fmt: skip
-    return it == end_iter or any(p > 0 and it % p == 0 for p in periods)
-
-
-def model_uses_fp16(cfg: DictConfig) -> bool:
-    """True when any student part computes in fp16 (loss scaling is then needed)."""
-    return cfg.compute_precision.grad_scaler and any(
-        part.mixed_precision.param_dtype == "fp16" for part in cfg.compute_precision.student.values()
-    )
-
-
-def restore_rank_rng(checkpoint: dict, info: distributed.DistributedInfo, cfg: DictConfig) -> None:
-    """Restore this rank's RNG states; with another world size, reseed from (seed, rank, iteration)."""
-    states = checkpoint.get("rng") or []
-    if len(states) == info.world_size:
-        checkpointing.restore_rng_state(states[info.rank])
-        return
-    logger.warning(
-        "checkpoint was written by %d processes, this run has %d: data order continues exactly, "
-        "but stochastic depth and other model randomness are reseeded",
-        len(states),
-        info.world_size,
-    )
-    fix_random_seeds(cfg.train.seed + 1_000_003 * (info.rank + 1) + checkpoint["iteration"])
+            run.close()
 
 
 def main(args: argparse.Namespace | list[str] | None = None) -> TrainResult:
