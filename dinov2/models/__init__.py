@@ -21,6 +21,10 @@ _STUDENT_DEFAULTS: dict[str, Any] = {
     "num_register_tokens": 0,
     "interpolate_antialias": False,
     "interpolate_offset": 0.1,
+    # Overrides of the arch's width, depth and heads (small CPU models); None keeps the arch's own.
+    "embed_dim": None,
+    "depth": None,
+    "num_heads": None,
 }
 
 
@@ -43,7 +47,8 @@ def build_model(args: Any, only_teacher: bool = False, img_size: int = 224):
         args: mapping/namespace with keys arch (vit_small|vit_base|vit_large|vit_giant2, an optional
             "_memeff" suffix is ignored), patch_size, drop_path_rate, layerscale (LayerScale init),
             drop_path_uniform, ffn_layer, block_chunks, qkv_bias, proj_bias, ffn_bias,
-            num_register_tokens, interpolate_antialias, interpolate_offset.
+            num_register_tokens, interpolate_antialias, interpolate_offset; optionally embed_dim,
+            depth, num_heads to override the arch's (None: the arch's own).
         only_teacher: build the teacher only.
         img_size: training (global crop) size; sets the position-embedding grid.
 
@@ -67,6 +72,9 @@ def build_model(args: Any, only_teacher: bool = False, img_size: int = 224):
         "interpolate_offset": _arg(args, "interpolate_offset"),
         "interpolate_antialias": _arg(args, "interpolate_antialias"),
     }
+    vit_kwargs.update(
+        {k: _arg(args, k) for k in ("embed_dim", "depth", "num_heads") if _arg(args, k) is not None}
+    )
     teacher = ARCHS[arch](**vit_kwargs)
     if only_teacher:
         return teacher, teacher.embed_dim

@@ -59,3 +59,20 @@ def test_build_model_accepts_plain_mapping_and_rejects_unknown_arch():
         build_model({"arch": "vit_huge"})
     with pytest.raises(ValueError, match="missing the required key 'arch'"):
         build_model({"patch_size": 14})
+
+
+def test_width_depth_and_heads_override_the_arch_for_small_models():
+    c = cfg(embed_dim=48, depth=3, num_heads=4, drop_path_rate=0.1, layerscale=None)
+    student, teacher, embed_dim = build_model_from_cfg(c)
+    assert embed_dim == 48 == student.embed_dim == teacher.embed_dim
+    for m in (student, teacher):
+        assert len(m.iter_blocks()) == 3 and m.iter_blocks()[0].attn.num_heads == 4
+    # Parameters of one block by hand: 2 LayerNorms (2 * 2 * 48), qkv (48 * 144 + 144), proj
+    # (48 * 48 + 48), MLP with ratio 4: fc1 (48 * 192 + 192) and fc2 (192 * 48 + 48); no LayerScale.
+    per_block = 4 * 48 + (48 * 144 + 144) + (48 * 48 + 48) + (48 * 192 + 192) + (192 * 48 + 48)
+    assert sum(p.numel() for b in student.iter_blocks() for p in b.parameters()) == 3 * per_block
+    assert all(b.sample_drop_ratio == 0.0 for b in teacher.iter_blocks())
+    # Without overrides the arch's own sizes (ViT-S: 384 wide, 12 blocks, 6 heads).
+    with torch.device("meta"):
+        s, _, d = build_model_from_cfg(cfg(embed_dim=None, depth=None, num_heads=None))
+    assert d == 384 and len(s.iter_blocks()) == 12 and s.iter_blocks()[0].attn.num_heads == 6
