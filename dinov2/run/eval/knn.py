@@ -4,13 +4,6 @@
         --backbone OUT_TRAIN/eval/12500/teacher_checkpoint.pth [options of dinov2-eval knn]
 """
 
-import sys
-from pathlib import Path
-
-if __name__ == "__main__" and not __package__:
-    # Run as a file from a checkout: import this checkout's dinov2 (not the script's folder).
-    sys.path[0] = str(Path(__file__).resolve().parents[3])
-
 from dinov2.run.eval import EvalTask, eval_main
 
 
@@ -22,8 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     return eval_main(KnnTask, argv)
 
 
-if __name__ == "__main__":
-    # Submit through the package module so the pickled task class is importable inside the job.
+if __name__ == "__main__":  # submit through the package module: the job unpickles the task from it
     from dinov2.run.eval.knn import main as package_main
 
-    sys.exit(package_main())
+    raise SystemExit(package_main())

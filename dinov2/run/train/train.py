@@ -10,13 +10,6 @@ OUTPUT_DIR/checkpoints/, submitit's logs to OUTPUT_DIR/<job id>/. Near the time 
 preempted, training saves a checkpoint and the job requeues itself and resumes from it.
 """
 
-import sys
-from pathlib import Path
-
-if __name__ == "__main__" and not __package__:
-    # Run as a file from a checkout: import this checkout's dinov2 (not the script's folder).
-    sys.path[0] = str(Path(__file__).resolve().parents[3])
-
 from dinov2.run.submit import Task, get_args_parser, launch
 
 
@@ -51,8 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     return launch(get_parser(), TrainTask, "dinov2:train", argv)
 
 
-if __name__ == "__main__":
-    # Submit through the package module so the pickled TrainTask is importable inside the job.
+if __name__ == "__main__":  # submit through the package module: the job unpickles TrainTask from it
     from dinov2.run.train.train import main as package_main
 
-    sys.exit(package_main())
+    raise SystemExit(package_main())
