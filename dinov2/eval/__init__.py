@@ -13,46 +13,51 @@ Example::
     write_report(result, "out/cv", paths=fs.paths)
 """
 
-from dinov2.utils.lazy import lazy_attributes
+from dinov2.utils.lazy import by_module, lazy_attributes
 
-_LAZY = {
-    "FeatureSet": "dinov2.eval.features",
-    "Preprocessing": "dinov2.eval.features",
-    "extract_features": "dinov2.eval.features",
-    "load_eval_backbone": "dinov2.eval.backbones",
-    "pool_tokens": "dinov2.eval.backbones",
-    "knn_predict": "dinov2.eval.knn",
-    "topk_neighbours": "dinov2.eval.knn",
-    "LogisticRegressionConfig": "dinov2.eval.linear",
-    "TorchLinearConfig": "dinov2.eval.linear",
-    "logistic_regression_probe": "dinov2.eval.linear",
-    "torch_linear_probe": "dinov2.eval.linear",
-    "METRIC_NAMES": "dinov2.eval.metrics",
-    "classification_metrics": "dinov2.eval.metrics",
-    "confusion_matrix": "dinov2.eval.metrics",
-    "per_class_report": "dinov2.eval.metrics",
-    "ClassifierConfig": "dinov2.eval.protocols",
-    "EvalResult": "dinov2.eval.protocols",
-    "add_bootstrap": "dinov2.eval.protocols",
-    "bootstrap_ci": "dinov2.eval.protocols",
-    "cross_dataset_eval": "dinov2.eval.protocols",
-    "cross_validate": "dinov2.eval.protocols",
-    "stratified_kfold_indices": "dinov2.eval.folds",
-    "train_val_test": "dinov2.eval.protocols",
-    "markdown_table": "dinov2.eval.reports",
-    "plot_confusion_matrix": "dinov2.eval.reports",
-    "write_classification_outputs": "dinov2.eval.reports",
-    "write_report": "dinov2.eval.reports",
-    "plot_umap": "dinov2.eval.umap_view",
-    "plot_umap_thumbnails": "dinov2.eval.umap_view",
-    "save_coords_csv": "dinov2.eval.umap_view",
-    "umap_embedding": "dinov2.eval.umap_view",
-    "attention_to_patch_maps": "dinov2.eval.attention_maps",
-    "compute_attention_maps": "dinov2.eval.attention_maps",
-    "plot_attention_grid": "dinov2.eval.attention_maps",
-    "save_attention_grids": "dinov2.eval.attention_maps",
-    "sample_images_per_class": "dinov2.eval.selection",
-}
+_LAZY = by_module(
+    {
+        "dinov2.eval.features": ("FeatureSet", "Preprocessing", "extract_features"),
+        "dinov2.eval.backbones": ("load_eval_backbone", "pool_tokens"),
+        "dinov2.eval.knn": ("knn_predict", "topk_neighbours"),
+        "dinov2.eval.linear": (
+            "LogisticRegressionConfig",
+            "TorchLinearConfig",
+            "logistic_regression_probe",
+            "torch_linear_probe",
+        ),
+        "dinov2.eval.metrics": (
+            "METRIC_NAMES",
+            "classification_metrics",
+            "confusion_matrix",
+            "per_class_report",
+        ),
+        "dinov2.eval.protocols": (
+            "ClassifierConfig",
+            "EvalResult",
+            "add_bootstrap",
+            "bootstrap_ci",
+            "cross_dataset_eval",
+            "cross_validate",
+            "train_val_test",
+        ),
+        "dinov2.eval.folds": ("stratified_kfold_indices",),
+        "dinov2.eval.reports": (
+            "markdown_table",
+            "plot_confusion_matrix",
+            "write_classification_outputs",
+            "write_report",
+        ),
+        "dinov2.eval.umap_view": ("plot_umap", "plot_umap_thumbnails", "save_coords_csv", "umap_embedding"),
+        "dinov2.eval.attention_maps": (
+            "attention_to_patch_maps",
+            "compute_attention_maps",
+            "plot_attention_grid",
+            "save_attention_grids",
+        ),
+        "dinov2.eval.selection": ("sample_images_per_class",),
+    }
+)
 
 __all__ = sorted(_LAZY)
 __getattr__, __dir__ = lazy_attributes(__name__, _LAZY)

@@ -16,18 +16,17 @@ Example::
     predictions = predict(result.best_checkpoint, "new_cells/")
 """
 
-from dinov2.utils.lazy import lazy_attributes
+from dinov2.utils.lazy import by_module, lazy_attributes
 
-_LAZY = {
-    "BackboneClassifier": "dinov2.transfer.classifier",
-    "load_classifier": "dinov2.transfer.classifier",
-    "FinetuneConfig": "dinov2.transfer.config",
-    "FinetuneResult": "dinov2.transfer.config",
-    "train_classifier": "dinov2.transfer.finetune",
-    "Prediction": "dinov2.transfer.predictions",
-    "write_predictions_csv": "dinov2.transfer.predictions",
-    "predict": "dinov2.transfer.infer",
-}
+_LAZY = by_module(
+    {
+        "dinov2.transfer.classifier": ("BackboneClassifier", "load_classifier"),
+        "dinov2.transfer.config": ("FinetuneConfig", "FinetuneResult"),
+        "dinov2.transfer.finetune": ("train_classifier",),
+        "dinov2.transfer.predictions": ("Prediction", "write_predictions_csv"),
+        "dinov2.transfer.infer": ("predict",),
+    }
+)
 
 __all__ = sorted(_LAZY)
 __getattr__, __dir__ = lazy_attributes(__name__, _LAZY)

@@ -37,3 +37,13 @@ def test_importing_the_packages_loads_no_submodule():
     )
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+def test_by_module_inverts_the_grouping_and_rejects_a_name_listed_twice():
+    from dinov2.utils.lazy import by_module
+
+    assert by_module({"pkg.a": ("x", "y"), "pkg.b": ("z",)}) == {"x": "pkg.a", "y": "pkg.a", "z": "pkg.b"}
+    with pytest.raises(ValueError, match="'x' is listed under both 'pkg.a' and 'pkg.b'"):
+        by_module({"pkg.a": ("x",), "pkg.b": ("x",)})
+    with pytest.raises(TypeError, match="sequence of names"):
+        by_module({"pkg.a": "x"})  # a bare string would export 'x' letter by letter
