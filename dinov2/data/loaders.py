@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from dinov2.data.datasets import CellImageDataset
 from dinov2.data.samplers import ShardedInfiniteSampler, StreamSample
 from dinov2.utils.signals import training_worker_init
+from dinov2.utils.utils import seed_host_rngs
 
 logger = logging.getLogger("dinov2")
 
@@ -49,9 +50,7 @@ def derive_seed(seed: int, tag: str, position: int) -> int:
 def seeded_rngs(seed: int) -> Iterator[None]:
     """Seed python `random`, numpy's global RNG and torch's CPU RNG; restore their states on exit."""
     py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    seed_host_rngs(seed)
     try:
         yield
     finally:

@@ -13,11 +13,13 @@ Example::
         meta_arch.update_teacher(scheds.momentum[it])
 """
 
-import math
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+
+from dinov2.utils import distributed
+from dinov2.utils.config import scaled_lr  # noqa: F401 (public here too: DINOv2 users look for it in schedules)
 
 
 class CosineScheduler:
@@ -82,40 +84,15 @@ class Schedulers(NamedTuple):
     last_layer_lr: CosineScheduler
 
 
-def scaled_lr(base_lr: float, scaling_rule: str, total_batch_size: int) -> float:
-    """Peak learning rate for a total batch size; ``base_lr`` is the value for a batch of 1024.
-
-    ``sqrt_wrt_1024`` (DINOv2's rule): base_lr * sqrt(batch / 1024); ``linear_wrt_1024``:
-    base_lr * batch / 1024; ``none``: base_lr (the rules of dinov2.utils.config).
-    """
-    if total_batch_size < 1:
-        raise ValueError(f"total_batch_size must be >= 1, got {total_batch_size}")
-    if scaling_rule == "sqrt_wrt_1024":
-        return base_lr * math.sqrt(total_batch_size / 1024.0)
-    if scaling_rule == "linear_wrt_1024":
-        return base_lr * total_batch_size / 1024.0
-    if scaling_rule == "none":
-        return base_lr
-    raise ValueError(
-        f"unknown optim.scaling_rule {scaling_rule!r}; expected 'sqrt_wrt_1024', 'linear_wrt_1024' or 'none'"
-    )
-
-
 def peak_lr(cfg: Any, world_size: int | None = None) -> float:
     """``cfg.optim.lr`` when the start-up scaling rule already set it (> 0), else the scaled base lr
     for ``train.batch_size_per_gpu * world_size`` images per iteration."""
     lr = float(getattr(cfg.optim, "lr", 0.0) or 0.0)
     if lr > 0:
         return lr
-    total = int(cfg.train.batch_size_per_gpu) * _world_size(world_size)
+    world_size = distributed.get_global_size() if world_size is None else int(world_size)
+    total = int(cfg.train.batch_size_per_gpu) * world_size
     return scaled_lr(float(cfg.optim.base_lr), str(cfg.optim.scaling_rule), total)
-
-
-def _world_size(world_size: int | None) -> int:
-    if world_size is not None:
-        return int(world_size)
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def build_schedulers(cfg: Any, world_size: int | None = None) -> Schedulers:

@@ -17,7 +17,6 @@ Usage:
 import argparse
 import logging
 import math
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -134,16 +133,29 @@ def build_config(
     return cfg
 
 
+def scaled_lr(base_lr: float, scaling_rule: str, total_batch_size: int) -> float:
+    """Peak learning rate for a total batch size; ``base_lr`` is the value for a batch of 1024.
+
+    ``sqrt_wrt_1024`` (DINOv2's rule): base_lr * sqrt(batch / 1024); ``linear_wrt_1024``:
+    base_lr * batch / 1024; ``none``: base_lr.
+    """
+    if total_batch_size < 1:
+        raise ValueError(f"total_batch_size must be >= 1, got {total_batch_size}")
+    if scaling_rule == "sqrt_wrt_1024":
+        return base_lr * math.sqrt(total_batch_size / 1024.0)
+    if scaling_rule == "linear_wrt_1024":
+        return base_lr * total_batch_size / 1024.0
+    if scaling_rule == "none":
+        return base_lr
+    raise ValueError(
+        f"unknown optim.scaling_rule {scaling_rule!r}; expected 'sqrt_wrt_1024', 'linear_wrt_1024' or 'none'"
+    )
+
+
 def apply_scaling_rules_to_cfg(cfg: DictConfig, world_size: int) -> DictConfig:
     """Set optim.lr from optim.base_lr (given for a total batch of 1024) and the total batch size."""
     total_batch = cfg.train.batch_size_per_gpu * world_size
-    rule = cfg.optim.scaling_rule
-    if rule == "sqrt_wrt_1024":
-        cfg.optim.lr = cfg.optim.base_lr * math.sqrt(total_batch / 1024.0)
-    elif rule == "linear_wrt_1024":
-        cfg.optim.lr = cfg.optim.base_lr * total_batch / 1024.0
-    else:
-        cfg.optim.lr = cfg.optim.base_lr
+    cfg.optim.lr = scaled_lr(cfg.optim.base_lr, cfg.optim.scaling_rule, total_batch)
     return cfg
 
 
@@ -152,14 +164,6 @@ def write_config(cfg: DictConfig, output_dir: str | Path, name: str = "config.ya
     path = Path(output_dir) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write(path, OmegaConf.to_yaml(cfg))
-
-
-def _world_size() -> int:
-    """Processes in the job: torch.distributed's count once initialised, else WORLD_SIZE (setup_config
-    runs before the process group exists; dinov2.utils.distributed has no reader for the variable)."""
-    if distributed.is_enabled():
-        return distributed.get_global_size()
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def get_cfg_from_args(args: argparse.Namespace, check_paths: bool = True) -> DictConfig:
@@ -179,7 +183,7 @@ def setup_config(args: argparse.Namespace) -> DictConfig:
     the WORLD_SIZE environment variable. Only the main process writes config.yaml.
     """
     cfg = get_cfg_from_args(args)
-    apply_scaling_rules_to_cfg(cfg, _world_size())
+    apply_scaling_rules_to_cfg(cfg, distributed.env_world_size())
     rank = distributed.get_global_rank() if distributed.is_enabled() else distributed.env_rank()
     if rank == 0:
         path = write_config(cfg, cfg.train.output_dir)

@@ -61,6 +61,12 @@ def env_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def env_world_size() -> int:
+    """Processes in the job: the process group's size once it exists, else WORLD_SIZE as set by
+    torchrun or the SLURM launcher (1 when unset); readable before the process group exists."""
+    return get_global_size() if is_enabled() else int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def get_local_rank() -> int:
     """Rank within this machine, from LOCAL_RANK (0 when unset)."""
     return int(os.environ.get("LOCAL_RANK", "0"))

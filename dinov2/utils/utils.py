@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["CosineScheduler", "fix_random_seeds"]  # noqa: F822 (CosineScheduler comes from __getattr__)
+__all__ = ["CosineScheduler", "fix_random_seeds", "seed_host_rngs"]  # noqa: F822 (CosineScheduler comes from __getattr__)
 
 
 def fix_random_seeds(seed: int = 31) -> None:
@@ -20,12 +20,18 @@ def fix_random_seeds(seed: int = 31) -> None:
     range; per-epoch seeds derived from a run's seed are that large); NumPy's legacy generator
     takes 32 bits, so it gets ``seed % 2**32``.
     """
+    seed_host_rngs(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def seed_host_rngs(seed: int) -> None:
+    """Seed the host's generators only: Python's ``random``, NumPy's global one and torch's CPU one
+    (data workers and scoped seeding, which must leave a GPU's generator alone)."""
     if not 0 <= int(seed) < 2**64:
         raise ValueError(f"seed must be in [0, 2**64), got {seed}")
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    torch.cuda.manual_seed_all(seed)
 
 
 def __getattr__(name: str) -> Any:

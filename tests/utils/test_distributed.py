@@ -70,3 +70,16 @@ def test_collective_timeout_comes_from_the_argument():
     # Rank 1 never joins: the all_reduce fails after the 0.1-minute timeout, not gloo's 30 minutes.
     rank0, _ = _two_ranks(0.1, "hang")
     assert 5 <= _seconds(rank0.strip()) < 30
+
+
+def test_env_world_size_and_rank_read_the_launcher_variables_before_the_process_group(monkeypatch):
+    from dinov2.utils import distributed
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    assert distributed.env_world_size() == 1 and distributed.env_rank() == 0
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("RANK", "5")
+    assert not distributed.is_enabled()
+    assert distributed.env_world_size() == 16 and distributed.env_rank() == 5
+    assert distributed.get_global_size() == 1  # the process group's count: none exists yet
