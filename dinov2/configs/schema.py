@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from dinov2.configs.fields import Section, option, problem, section
+from dinov2.utils.dtypes import DTYPES
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = tuple(DTYPES)  # fp32, fp16, bf16
 SHARDING_STRATEGIES = ("NO_SHARD", "SHARD_GRAD_OP", "FULL_SHARD")
 PARTS = ("backbone", "dino_head", "ibot_head")
 _PROBABILITY = {"ge": 0, "le": 1}
@@ -50,9 +51,8 @@ class MixedPrecision(Section):
 class PartPrecision(Section):
     """How one model part (backbone, DINO head, iBOT head) is sharded and which dtypes it uses."""
 
-    sharding_strategy: str = option(
-        choices=SHARDING_STRATEGIES
-    )  # FSDP2; FULL_SHARD frees params after forward
+    # FSDP2: FULL_SHARD frees the gathered parameters after forward, SHARD_GRAD_OP after backward
+    sharding_strategy: str = option(choices=SHARDING_STRATEGIES)
     mixed_precision: MixedPrecision = section(MixedPrecision)
 
 
