@@ -32,7 +32,7 @@ def make_step(cfg, device: torch.device, batch: dict, compiled: bool, backend: s
     model = build_model(cfg, device)
     if compiled:
         compile_backbones(model, backend=backend)
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg.optim)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     schedules = build_schedulers(cfg, world_size=1)
     it = [0]

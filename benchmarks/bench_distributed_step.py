@@ -131,7 +131,7 @@ def _worker(rank: int, world: int, args, store: str, result_path: str) -> None:
             model = build_model(cfg, device)
             params = list(model.student.parameters())
             sync = TimedSync(GradientSync(params) if mode == "overlapped" else PostBackwardAverager(params))
-            runs[mode] = dict(model=model, optimizer=build_optimizer(model, cfg), sync=sync, steps=[])
+            runs[mode] = dict(model=model, optimizer=build_optimizer(model, cfg.optim), sync=sync, steps=[])
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         for i in range(args.warmup + args.iters):
             for run in runs.values():

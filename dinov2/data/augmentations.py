@@ -351,6 +351,20 @@ class DataAugmentationDINO:
         self.normalize = T.ChannelNormalize(T.IMAGENET_DEFAULT_MEAN, T.IMAGENET_DEFAULT_STD)
         self.local_recipe = CropRecipe(local_crops_size, self.local_crops_scale, blur_p=blur_local, **common)
 
+    @classmethod
+    def from_config(cls, crops_cfg) -> "DataAugmentationDINO":
+        """The multi-crop recipe of the training config's `crops` section."""
+        return cls(
+            crops_cfg.global_crops_scale,
+            crops_cfg.local_crops_scale,
+            crops_cfg.local_crops_number,
+            global_crops_size=crops_cfg.global_crops_size,
+            local_crops_size=crops_cfg.local_crops_size,
+            stain_jitter=crops_cfg.stain_jitter,
+            color_augmentation=ColorAugmentation(**crops_cfg.color_augmentation),
+            blur_prob=tuple(crops_cfg.blur_prob),
+        )
+
     @property
     def recipes(self) -> list[CropRecipe]:
         """The recipe of every crop in output order: global 1, global 2, then the locals."""

@@ -1,7 +1,7 @@
 """What a training run is built from: the model, its data stream and the gradient scaler.
 
-    model = build_model(cfg, device)                       # SSLMetaArch, train mode
-    dataset, sampler, loader = build_data(cfg, info, start_position)
+model = build_model(cfg, device)                       # SSLMetaArch, train mode
+dataset, sampler, loader = build_data(cfg, info, start_position)
 """
 
 from functools import partial
@@ -9,7 +9,7 @@ from functools import partial
 import torch
 from omegaconf import DictConfig
 
-from dinov2.data.augmentations import ColorAugmentation, DataAugmentationDINO
+from dinov2.data.augmentations import DataAugmentationDINO
 from dinov2.data.collate import collate_data_and_cast
 from dinov2.data.loaders import make_data_loader, make_train_dataset
 from dinov2.data.masking import MaskingGenerator
@@ -23,23 +23,14 @@ from dinov2.utils import distributed
 
 def build_data(cfg: DictConfig, info: distributed.DistributedInfo, start_position: int):
     """(dataset, sampler, loader) for this rank, continuing the sample stream at `start_position`."""
-    augmentation = DataAugmentationDINO(
-        cfg.crops.global_crops_scale,
-        cfg.crops.local_crops_scale,
-        cfg.crops.local_crops_number,
-        global_crops_size=cfg.crops.global_crops_size,
-        local_crops_size=cfg.crops.local_crops_size,
-        stain_jitter=cfg.crops.stain_jitter,
-        color_augmentation=ColorAugmentation(**cfg.crops.color_augmentation),
-        blur_prob=tuple(cfg.crops.blur_prob),
-    )
+    augmentation = DataAugmentationDINO.from_config(cfg.crops)
     dataset = make_train_dataset(cfg.train, augmentation)
     grid = cfg.crops.global_crops_size // cfg.student.patch_size
     collate = partial(
         collate_data_and_cast,
         mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
         mask_probability=cfg.ibot.mask_sample_probability,
-        dtype=crop_transfer_dtype(cfg, info.device.type),  # what autocast / FSDP2 would cast to
+        dtype=crop_transfer_dtype(cfg.compute_precision, info.device.type),  # what autocast / FSDP2 use
         n_tokens=grid * grid,
         mask_generator=MaskingGenerator(input_size=(grid, grid), max_num_patches=int(0.5 * grid * grid)),
     )

@@ -84,8 +84,9 @@ def apply_device_precision(
     return bool(switched)
 
 
-def crop_transfer_dtype(cfg: DictConfig, device_type: str) -> torch.dtype:
-    """The dtype the data loader collates crops in: what both backbones compute in, on a GPU.
+def crop_transfer_dtype(precision_cfg: DictConfig, device_type: str) -> torch.dtype:
+    """The dtype the data loader collates crops in: what both backbones compute in, on a GPU
+    (`precision_cfg` is cfg.compute_precision).
 
     The backbones' first operation (the patch embedding) casts its input to the compute dtype under
     autocast, and FSDP2 casts forward inputs to its `param_dtype`: collating in that dtype already is
@@ -95,7 +96,7 @@ def crop_transfer_dtype(cfg: DictConfig, device_type: str) -> torch.dtype:
     """
     if device_type != "cuda":
         return torch.float32
-    backbones = (cfg.compute_precision[who].backbone for who in ("student", "teacher"))
+    backbones = (precision_cfg[who].backbone for who in ("student", "teacher"))
     dtypes = {str(part.mixed_precision.param_dtype) for part in backbones}
     if dtypes == {"bf16"}:
         return torch.bfloat16

@@ -157,12 +157,13 @@ def train_step(
     return StepOutput(losses, names, grad_norms, stop, timer.times)
 
 
-def build_optimizer(model, cfg: DictConfig) -> torch.optim.AdamW:
-    """AdamW over the student's parameter groups: the fused kernel where torch has one for the
-    parameters' device (CUDA, CPU), else the foreach implementation. The fused kernel keeps its step
-    counters on the device, so the step reads nothing back to the host."""
+def build_optimizer(model, optim_cfg: DictConfig) -> torch.optim.AdamW:
+    """AdamW over the student's parameter groups with the betas of `optim_cfg` (cfg.optim): the fused
+    kernel where torch has one for the parameters' device (CUDA, CPU), else the foreach
+    implementation. The fused kernel keeps its step counters on the device, so the step reads
+    nothing back to the host."""
     groups = model.get_params_groups()
-    betas = (cfg.optim.adamw_beta1, cfg.optim.adamw_beta2)
+    betas = (optim_cfg.adamw_beta1, optim_cfg.adamw_beta2)
     try:
         return torch.optim.AdamW(groups, betas=betas, fused=True)
     except RuntimeError as error:  # a device (or tensor type) without the fused kernel

@@ -120,7 +120,7 @@ class TrainingRun:
                 self.warmup_iters,
             )
         self.frozen: bool | None = None
-        self.optimizer = build_optimizer(model, cfg)
+        self.optimizer = build_optimizer(model, cfg.optim)
         self.scaler = build_grad_scaler(cfg, info.device)
         self.schedules = build_schedulers(cfg, info.world_size)
         start_position = checkpoint["sampler"]["position"] if checkpoint is not None else 0

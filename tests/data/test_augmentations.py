@@ -408,3 +408,35 @@ def test_colour_and_blur_probabilities_reach_every_recipe():
         DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), 1, blur_prob=(1.0, 0.5))
     with pytest.raises(ValueError, match="grayscale_prob"):
         ColorAugmentation(grayscale_prob=1.5)
+
+
+def test_from_config_builds_the_crops_sections_recipe():
+    from dinov2.utils.config import build_config
+
+    overrides = [
+        "crops.local_crops_number=3",
+        "crops.global_crops_size=32",
+        "crops.local_crops_size=16",
+        "crops.color_augmentation.hue=0.0",
+        "crops.stain_jitter=0.05",
+        "crops.blur_prob=[0.5,0.2,0.1]",
+    ]
+    cfg = build_config(None, overrides, check_paths=False)
+    aug = DataAugmentationDINO.from_config(cfg.crops)
+    by_hand = DataAugmentationDINO(
+        (0.32, 1.0), (0.05, 0.32), 3, 32, 16, stain_jitter=0.05,
+        color_augmentation=ColorAugmentation(hue=0.0), blur_prob=(0.5, 0.2, 0.1),
+    )  # fmt: skip
+    assert tuple(cfg.crops.global_crops_scale) == (0.32, 1.0) and tuple(cfg.crops.local_crops_scale) == (
+        0.05,
+        0.32,
+    )
+    assert aug.recipes == by_hand.recipes and repr(aug) == repr(by_hand)
+    image = torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8)
+    torch.manual_seed(3)
+    a = aug(image)
+    torch.manual_seed(3)
+    b = by_hand(image)
+    assert len(a["local_crops"]) == 3 and all(
+        torch.equal(x, y) for x, y in zip(a["local_crops"], b["local_crops"])
+    )

@@ -30,7 +30,7 @@ def _train(compiled: bool, backend: str = "inductor", fsdp_world: int = 0, rank:
     if fsdp_world:
         assert apply_fsdp2(arch, cfg.compute_precision) == []
         arch.autocast_dtype = None
-    optimizer = build_optimizer(arch, cfg)
+    optimizer = build_optimizer(arch, cfg.optim)
     schedules = build_schedulers(cfg, world_size=max(fsdp_world, 1))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     losses, grads = [], {}

@@ -139,7 +139,7 @@ def _train_ssl(mode: str, rank: int, world: int) -> dict:
     else:
         assert apply_fsdp2(arch, cfg.compute_precision) == []  # every part sharded
         arch.autocast_dtype = None
-    optimizer = build_optimizer(arch, cfg)
+    optimizer = build_optimizer(arch, cfg.optim)
     schedules = build_schedulers(cfg, world_size=world)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     losses, grads = [], {}

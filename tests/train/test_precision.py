@@ -85,7 +85,7 @@ def test_crops_are_collated_in_the_backbones_compute_dtype(device_type, student,
         f"compute_precision.student.backbone.mixed_precision.param_dtype={student}",
         f"compute_precision.teacher.backbone.mixed_precision.param_dtype={teacher}",
     ], check_paths=False)  # fmt: skip
-    assert crop_transfer_dtype(cfg, device_type) == expected
+    assert crop_transfer_dtype(cfg.compute_precision, device_type) == expected
 
 
 @pytest.mark.parametrize("separate_head", [False, True])

@@ -17,7 +17,7 @@ READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__")
 def setup():
     arch = _arch()
     cfg = _cfg_for(arch)
-    optimizer = build_optimizer(arch, cfg)
+    optimizer = build_optimizer(arch, cfg.optim)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     return arch, optimizer, scaler, build_schedulers(cfg, world_size=1), cfg
 
