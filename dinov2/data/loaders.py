@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import logging
 import random
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -138,6 +139,30 @@ def make_data_loader(
         generator=torch.Generator().manual_seed(seed),
         worker_init_fn=training_worker_init,
     )
+
+
+def next_batch(batches: Any) -> Any:
+    """`next(batches)`, naming the DataLoader worker when one dies while handing a batch over.
+
+    A worker killed just as the main process receives its batch (the tensors travel as shared-memory
+    handles fetched from the worker over a socket) makes the receive fail with a ConnectionError or
+    EOFError from multiprocessing, before torch's own check can say which worker died. Then this
+    raises torch's RuntimeError wording instead, naming the dead workers and how they ended.
+    """
+    try:
+        return next(batches)
+    except (ConnectionError, EOFError) as error:
+        dead = [w for w in getattr(batches, "_workers", ()) if w.exitcode is not None]
+        if not dead:
+            raise
+        raise RuntimeError("; ".join(_describe_dead_worker(w) for w in dead)) from error
+
+
+def _describe_dead_worker(worker: Any) -> str:
+    if worker.exitcode < 0:
+        how = signal.strsignal(-worker.exitcode)  # "Killed" for SIGKILL, as torch words it
+        return f"DataLoader worker (pid {worker.pid}) is killed by signal: {how}"
+    return f"DataLoader worker (pid(s) {worker.pid}) exited unexpectedly with exit code {worker.exitcode}"
 
 
 def stop_workers(batches: Any) -> None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
-from dinov2.data.loaders import stop_workers
+from dinov2.data.loaders import next_batch, stop_workers
 from dinov2.train import checkpointing
 from dinov2.train.builders import (  # noqa: F401 (build_backbones, model_uses_fp16: public here too)
     build_backbones,
@@ -151,7 +151,7 @@ class TrainingRun:
         from before the iteration (nothing was updated) and raises."""
         rng_before = checkpointing.capture_rng_state()
         t0 = time.perf_counter()
-        data = next(data_iter)
+        data = next_batch(data_iter)
         t_data = time.perf_counter() - t0
         # Timed steps synchronise the device: only where a log line is due anyway.
         self.ctx.timed = self.log_due(it + 1)

@@ -7,6 +7,7 @@ import signal
 import time
 
 import numpy as np
+import pytest
 import torch
 from torch.utils.data import Dataset
 
@@ -15,6 +16,7 @@ from dinov2.data.loaders import (
     SeededSampleDataset,
     derive_seed,
     make_data_loader,
+    next_batch,
     seeded_rngs,
     stop_workers,
 )
@@ -139,3 +141,41 @@ def test_stop_workers_kills_a_stuck_worker():
     stop_workers(batches)
     assert time.monotonic() - start < 20
     assert worker.exitcode == -signal.SIGKILL
+
+
+class _FailingHandover:
+    """A DataLoader iterator stand-in whose batch hand-over fails as a dying worker's does."""
+
+    def __init__(self, workers, error):
+        self._workers, self.error = workers, error
+
+    def __next__(self):
+        raise self.error
+
+
+def _ended_process(how: str):
+    import multiprocessing as mp
+
+    proc = mp.get_context("spawn").Process(target=time.sleep, args=(60,) if how == "kill" else (0,))
+    proc.start()
+    if how == "kill":
+        proc.kill()
+    proc.join(timeout=30)
+    return proc
+
+
+def test_next_batch_names_a_worker_that_died_during_the_handover():
+    killed = _ended_process("kill")
+    with pytest.raises(
+        RuntimeError, match=rf"^DataLoader worker \(pid {killed.pid}\) is killed by signal: Killed$"
+    ):
+        next_batch(_FailingHandover([killed], ConnectionResetError(104, "Connection reset by peer")))
+    exited = _ended_process("exit")
+    with pytest.raises(
+        RuntimeError, match=rf"\(pid\(s\) {exited.pid}\) exited unexpectedly with exit code 0"
+    ):
+        next_batch(_FailingHandover([exited], EOFError()))
+    # No dead worker: the error is not about a worker, and passes through unchanged.
+    with pytest.raises(ConnectionResetError):
+        next_batch(_FailingHandover([], ConnectionResetError(104, "Connection reset by peer")))
+    assert next_batch(iter([7])) == 7
