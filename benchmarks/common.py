@@ -177,13 +177,7 @@ def make_batch(cfg, image_size: int, seed: int) -> dict:
     from dinov2.data.masking import MaskingGenerator
 
     g = torch.Generator().manual_seed(seed)
-    aug = DataAugmentationDINO(
-        cfg.crops.global_crops_scale,
-        cfg.crops.local_crops_scale,
-        cfg.crops.local_crops_number,
-        global_crops_size=cfg.crops.global_crops_size,
-        local_crops_size=cfg.crops.local_crops_size,
-    )
+    aug = DataAugmentationDINO.from_config(cfg.crops)  # the config's multi-crop and colour recipe
     samples = [
         (aug(torch.randint(0, 256, (3, image_size, image_size), dtype=torch.uint8, generator=g)), -1)
         for _ in range(cfg.train.batch_size_per_gpu)
