@@ -75,13 +75,14 @@ def test_inductor_compiled_steps_agree_with_eager_and_keep_checkpoint_keys():
     # One graph per (crop shape, grad mode) shared by the blocks, no graph break.
     assert 0 < compiled["graphs"] <= 4 and compiled["graph_breaks"] == 0
     # Inductor fuses and reorders float32 reductions: agreement to float32 rounding, amplified
-    # only mildly by three steps. Measured: losses within 3e-7 relative, first-step gradients 2e-6.
+    # only mildly by three steps. Measured: losses within 5.4e-7 relative, first-step gradients 1.3e-6.
     for step, (a, b) in enumerate(zip(compiled["losses"], eager["losses"])):
         for key in b:
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (step, key)
     assert _rel(compiled["grads"], eager["grads"]) < 1e-4
     # AdamW divides by sqrt(v): coordinates whose gradients are ~0 move by up to lr on rounding
-    # noise alone, so the weights are compared relative to how far eager training moved them.
+    # noise alone, so the weights are compared relative to how far eager training moved them
+    # (measured: 0.25 % of it).
     start = _arch().state_dict()
     moved = {k: eager["state"][k] - start[k] for k in start}
     diff = {k: compiled["state"][k] - eager["state"][k] for k in start}
