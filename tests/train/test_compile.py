@@ -4,6 +4,7 @@ import shutil
 
 import pytest
 import torch
+from gloo import run_on_gloo
 from test_ssl_meta_arch import _arch, _batch, _rank_batch
 from test_step import _cfg_for
 
@@ -91,17 +92,8 @@ def test_inductor_compiled_steps_agree_with_eager_and_keep_checkpoint_keys():
     assert (num / den).item() < 0.05, (num / den).item()
 
 
-def _fsdp_worker(rank: int, world: int, tmp: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
-    try:
-        out = {c: _train(c, backend="aot_eager", fsdp_world=world, rank=rank) for c in (False, True)}
-        if rank == 0:
-            torch.save(out, f"{tmp}/out.pt")
-    finally:
-        dist.destroy_process_group()
+def _eager_and_compiled_fsdp(rank: int, world: int) -> dict:
+    return {c: _train(c, backend="aot_eager", fsdp_world=world, rank=rank) for c in (False, True)}
 
 
 @pytest.mark.slow
@@ -111,10 +103,7 @@ def test_blocks_compiled_before_fsdp2_sharding_train_like_eager_fsdp2(tmp_path):
     The aot_eager backend traces exactly what inductor would be given but runs it op by op, so the
     compiled run must match eager FSDP2 to the last bit or so, and codegen time stays out of the test.
     """
-    import torch.multiprocessing as mp
-
-    mp.spawn(_fsdp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
-    out = torch.load(tmp_path / "out.pt")
+    out = run_on_gloo(_eager_and_compiled_fsdp, tmp_path)
     eager, compiled = out[False], out[True]
     assert compiled["compiled_blocks"] == 2 and compiled["graph_breaks"] == 0 and compiled["graphs"] > 0
     assert list(compiled["state"]) == list(eager["state"])

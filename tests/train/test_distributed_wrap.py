@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from gloo import run_on_gloo
 from torch import nn
 
 from dinov2.train.distributed_wrap import GradientSync
@@ -38,41 +39,30 @@ def _loss(net, x):
     return net(x).pow(2).sum() / 10
 
 
-def _worker(rank: int, world: int, tmp: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
+def _sync_two_steps(rank: int, world: int) -> dict:
+    net = _net()
+    sync = GradientSync(net.parameters(), bucket_mb=200 / 2**20)  # ~200 bytes: several buckets
+    out = {"n_buckets": sum(any(p.requires_grad for p in b.params) for b in sync.buckets)}
+    for step in range(2):  # twice: the buckets must reset between steps
+        net.zero_grad(set_to_none=True)
+        _loss(net, _inputs(rank) * (step + 1)).backward()
+        out[f"started_{step}"] = sum(b.handle is not None for b in sync.buckets)
+        sync.finish()
+        out[f"grads_{step}"] = {n: (p.grad.clone() if p.grad is not None else None)
+                                for n, p in net.named_parameters()}  # fmt: skip
+    # A second backward before finish() would average only part of the accumulated gradient.
+    _loss(net, _inputs(rank)).backward()
     try:
-        net = _net()
-        sync = GradientSync(net.parameters(), bucket_mb=200 / 2**20)  # ~200 bytes: several buckets
-        out = {"n_buckets": sum(any(p.requires_grad for p in b.params) for b in sync.buckets)}
-        for step in range(2):  # twice: the buckets must reset between steps
-            net.zero_grad(set_to_none=True)
-            _loss(net, _inputs(rank) * (step + 1)).backward()
-            out[f"started_{step}"] = sum(b.handle is not None for b in sync.buckets)
-            sync.finish()
-            out[f"grads_{step}"] = {n: (p.grad.clone() if p.grad is not None else None)
-                                    for n, p in net.named_parameters()}  # fmt: skip
-        # A second backward before finish() would average only part of the accumulated gradient.
         _loss(net, _inputs(rank)).backward()
-        try:
-            _loss(net, _inputs(rank)).backward()
-        except RuntimeError as e:
-            out["second_backward"] = str(e)
-        sync.close()
-        if rank == 0:
-            torch.save(out, f"{tmp}/out.pt")
-    finally:
-        dist.destroy_process_group()
+    except RuntimeError as e:
+        out["second_backward"] = str(e)
+    sync.close()
+    return out
 
 
 @pytest.mark.slow
 def test_two_processes_get_the_mean_gradient_started_during_backward(tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
-    out = torch.load(tmp_path / "out.pt")
+    out = run_on_gloo(_sync_two_steps, tmp_path)
     assert out["n_buckets"] >= 3
     for step in range(2):
         # Independent expectation: the mean of the two processes' own gradients, by hand.
@@ -156,25 +146,13 @@ def _train_ssl(mode: str, rank: int, world: int) -> dict:
     return {"losses": losses, "grads": grads, "state": state, "buffer": arch.student["backbone"].scale.dtype}
 
 
-def _fsdp_worker(rank: int, world: int, tmp: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
-    try:
-        out = {mode: _train_ssl(mode, rank, world) for mode in ("ddp", "fsdp")}
-        if rank == 0:
-            torch.save(out, f"{tmp}/out.pt")
-    finally:
-        dist.destroy_process_group()
+def _ddp_and_fsdp(rank: int, world: int) -> dict:
+    return {mode: _train_ssl(mode, rank, world) for mode in ("ddp", "fsdp")}
 
 
 @pytest.mark.slow
 def test_fsdp2_with_bf16_backbone_parameters_trains_like_ddp_within_bf16_rounding(tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_fsdp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
-    out = torch.load(tmp_path / "out.pt")
+    out = run_on_gloo(_ddp_and_fsdp, tmp_path)
     ddp, fsdp = out["ddp"], out["fsdp"]
     # buffer_dtype is honoured: the sharded backbone's float buffer is now bf16.
     assert fsdp["buffer"] == torch.bfloat16 and ddp["buffer"] == torch.float32

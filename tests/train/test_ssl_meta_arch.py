@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from gloo import run_on_gloo
 from omegaconf import OmegaConf
 
 from dinov2.data.collate import collate_data_and_cast
@@ -337,39 +338,30 @@ def _rank_batch(batch: dict, rank: int, world: int, b: int) -> dict:
     }
 
 
-def _dist_worker(rank: int, world: int, tmp: str) -> None:
+def _two_rank_step(rank: int, world: int) -> dict:
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
-    try:
-        arch = _arch(centering="sinkhorn_knopp", **{"dino": {"koleo_loss_weight": 0.0}})
-        batch = _rank_batch(_batch(3, b=4), rank, world, b=4)
-        # The training loop's ddp gradient sync, with small buckets so that several all_reduces
-        # start from hooks while backward runs.
-        sync = GradientSync(arch.student.parameters(), bucket_mb=0.01)
-        losses = arch.forward_backward(batch, teacher_temp=0.05)
-        started_during_backward = sum(b.handle is not None for b in sync.buckets)
-        sync.finish()
-        assert len(sync.buckets) > 3 and started_during_backward == len(sync.buckets)
-        grads = [p.grad.clone() for p in arch.student.parameters()]
-        values = torch.stack([losses[k] for k in sorted(losses)])
-        dist.all_reduce(values)
-        if rank == 0:
-            torch.save({"grads": grads, "losses": dict(zip(sorted(losses), values / world))}, f"{tmp}/out.pt")
-    finally:
-        dist.destroy_process_group()
+    arch = _arch(centering="sinkhorn_knopp", **{"dino": {"koleo_loss_weight": 0.0}})
+    batch = _rank_batch(_batch(3, b=4), rank, world, b=4)
+    # The training loop's ddp gradient sync, with small buckets so that several all_reduces
+    # start from hooks while backward runs.
+    sync = GradientSync(arch.student.parameters(), bucket_mb=0.01)
+    losses = arch.forward_backward(batch, teacher_temp=0.05)
+    started_during_backward = sum(b.handle is not None for b in sync.buckets)
+    sync.finish()
+    assert len(sync.buckets) > 3 and started_during_backward == len(sync.buckets)
+    grads = [p.grad.clone() for p in arch.student.parameters()]
+    values = torch.stack([losses[k] for k in sorted(losses)])
+    dist.all_reduce(values)
+    return {"grads": grads, "losses": dict(zip(sorted(losses), values / world))}
 
 
 @pytest.mark.slow
 def test_two_processes_with_overlapped_gradient_sync_equal_one_process_on_the_full_batch(tmp_path):
-    import torch.multiprocessing as mp
-
     # 4 images split 2 + 2. KoLeo is left out: it compares neighbours within each process's batch.
     arch = _arch(centering="sinkhorn_knopp", **{"dino": {"koleo_loss_weight": 0.0}})
     full = arch.forward_backward(_batch(3, b=4), teacher_temp=0.05)
-    mp.spawn(_dist_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
-    out = torch.load(tmp_path / "out.pt")
+    out = run_on_gloo(_two_rank_step, tmp_path)
     for key, value in full.items():
         assert out["losses"][key].item() == pytest.approx(value.item(), rel=1e-5), key
     for (name, p), g in zip(arch.student.named_parameters(), out["grads"]):
