@@ -130,13 +130,11 @@ def random_init_teacher(cfg: Any, seed: int):
     import torch
 
     from dinov2.models import build_model_from_cfg
-    from dinov2.train.train import build_backbones
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        built = build_backbones(cfg)
-        # Both builders make the teacher first, so the same seed gives the same weights.
-        teacher = built[1] if built is not None else build_model_from_cfg(cfg, only_teacher=True)[0]
+        # The builder makes the teacher first, so these are the weights training started from.
+        teacher = build_model_from_cfg(cfg, only_teacher=True)[0]
     return teacher.eval()
 
 

@@ -72,9 +72,8 @@ def build_model(args: Any, only_teacher: bool = False, img_size: int = 224):
         "interpolate_offset": _arg(args, "interpolate_offset"),
         "interpolate_antialias": _arg(args, "interpolate_antialias"),
     }
-    vit_kwargs.update(
-        {k: _arg(args, k) for k in ("embed_dim", "depth", "num_heads") if _arg(args, k) is not None}
-    )
+    sizes = {k: _arg(args, k) for k in ("embed_dim", "depth", "num_heads")}
+    vit_kwargs.update({k: v for k, v in sizes.items() if v is not None})
     teacher = ARCHS[arch](**vit_kwargs)
     if only_teacher:
         return teacher, teacher.embed_dim

@@ -138,10 +138,6 @@ class Checkpointer:
     def teacher_exported(self, iteration: int) -> bool:
         return (self.output_dir / "eval" / str(iteration) / "teacher_checkpoint.pth").is_file()
 
-    def newest_outputs_before(self, iteration: int) -> tuple[Path | None, Path | None]:
-        """(newest training checkpoint, newest teacher export) written before `iteration`, or None."""
-        return newest_outputs_before(self.output_dir, iteration)
-
     def _describe_kept(self) -> str:
         found = checkpointing.list_checkpoints(self.checkpoint_dir)
         return f"the previous checkpoint {found[-1][1]} is intact" if found else "no earlier checkpoint"

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dinov2.utils.config import ConfigError
 from dinov2.utils.distributed import get_global_size
 from dinov2.utils.dtypes import dtype_from_name
 
@@ -261,8 +262,6 @@ def check_compile_supported(device_type: str) -> None:
     Inductor generates Triton kernels on a GPU and C++ on the CPU: without Triton, or without a C++
     compiler, the first compiled forward would fail minutes into the run instead of at start-up.
     """
-    from dinov2.utils.config import ConfigError
-
     if device_type == "cuda":
         from torch.utils._triton import has_triton
 

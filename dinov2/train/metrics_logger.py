@@ -115,15 +115,14 @@ class MetricsLogger:
             out["images_per_second"] = self.images_per_step * n / step_s if step_s > 0 else float("inf")
         return out
 
-    def log(self, iteration: int, metrics: dict[str, Any], seconds_per_iteration: float | None = None) -> str:
+    def log(self, iteration: int, metrics: dict[str, Any]) -> str:
         """Record `metrics` for `iteration` (1-based count of completed iterations); return the human line.
 
         The timing of the steps counted by `step_done` since the last line is added (and gives the
-        ETA unless `seconds_per_iteration` is given), with the device's peak memory.
+        ETA), with the device's peak memory.
         """
         timing = self.window_timing()
-        if seconds_per_iteration is None:
-            seconds_per_iteration = timing.get("iter_time")
+        seconds_per_iteration = timing.get("iter_time")
         if self.device is not None:
             timing["peak_memory_mb"] = peak_memory_mb(self.device)
         record = {"iteration": iteration, **{k: _jsonable(v) for k, v in {**metrics, **timing}.items()}}

@@ -202,8 +202,8 @@ class TrainingRun:
     def log_due(self, it: int) -> bool:
         """True when a metrics line is written after `it` completed iterations (log period, last
         iteration, or a collapse / kNN monitor)."""
-        return it == self.end_iter or self.cfg.train.log_period_iterations > 0 and (
-            it % self.cfg.train.log_period_iterations == 0) or self.monitors.due(it)  # fmt: skip
+        period = self.cfg.train.log_period_iterations
+        return it == self.end_iter or (period > 0 and it % period == 0) or self.monitors.due(it)
 
     def close(self) -> None:
         self.flag.uninstall()
